@@ -1,0 +1,264 @@
+"""``robustbench-ft`` command line. Thin: parses flags, builds a RunConfig, calls the library."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from robustbench_ft.config import RunConfig
+
+RUN_FLAGS = [f for f in dataclasses.fields(RunConfig) if f.name != "method_options"]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML run config; flags override its values")
+    hints = typing.get_type_hints(RunConfig)
+    for f in RUN_FLAGS:
+        if hints[f.name] is bool:
+            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default: {f.default})")
+        else:
+            p.add_argument(_flag(f.name), default=None, help=f"(default: {f.default})")
+
+
+def _add_method_flags(p: argparse.ArgumentParser, method: str, seen: set[str]) -> list[str]:
+    """Flags for one method's options; returns the option names added."""
+    from robustbench_ft.methods.registry import get_method
+
+    spec = get_method(method)
+    group = p.add_argument_group(f"options of method {method!r}")
+    added = []
+    for f in dataclasses.fields(spec.options):
+        if f.name in seen or typing.get_origin(typing.get_type_hints(spec.options)[f.name]) is dict:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        group.add_argument(_flag(f.name), dest=f"opt__{f.name}", default=None, metavar=f.name.upper(),
+                           help=f"(default: {default})")
+        seen.add(f.name)
+        added.append(f.name)
+    return added
+
+
+def _run_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, list[str], list[str]]:
+    """Two-phase parse: the chosen method (and WiSE-FT's base) decide which option flags exist."""
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--method")
+    peek.add_argument("--base")
+    peek.add_argument("--config", type=Path)
+    known, _ = peek.parse_known_args(argv)
+    method = known.method
+    if method is None and known.config is not None and known.config.is_file():
+        method = RunConfig.from_toml(known.config).method
+    method = method or RunConfig.method
+    p = argparse.ArgumentParser(prog="robustbench-ft run", description="Fine-tune (where the method needs it), "
+                                "evaluate every candidate on every dataset of the suite, write records and a report.")
+    _add_run_flags(p)
+    seen: set[str] = set()
+    own = _add_method_flags(p, method, seen)
+    base_opts: list[str] = []
+    from robustbench_ft.methods.registry import get_method
+
+    if any(f.name == "base_options" for f in dataclasses.fields(get_method(method).options)):
+        base = known.base or next(f.default for f in dataclasses.fields(get_method(method).options) if f.name == "base")
+        base_opts = _add_method_flags(p, base, seen)
+    return p, own, base_opts
+
+
+def cmd_run(argv: Sequence[str]) -> int:
+    parser, own, base_opts = _run_parser(argv)
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    hints = typing.get_type_hints(RunConfig)
+    for f in RUN_FLAGS:
+        value = getattr(args, f.name)
+        if value is not None:
+            overrides[f.name] = _coerce(f.name, value, hints[f.name])
+    options = {k: getattr(args, f"opt__{k}") for k in own if getattr(args, f"opt__{k}") is not None}
+    base = {k: getattr(args, f"opt__{k}") for k in base_opts if getattr(args, f"opt__{k}") is not None}
+    if base:
+        options["base_options"] = base
+    overrides["method_options"] = options
+    config = RunConfig.from_toml(args.config, **overrides) if args.config else RunConfig(**overrides)
+
+    from robustbench_ft.runner import run
+
+    outcome = run(config)
+    print_summary(outcome.records)
+    print(f"\nrecords: {Path(config.results_dir) / config.name}/")
+    if outcome.report:
+        print(f"report:  {outcome.report}")
+    return 0
+
+
+def _coerce(name: str, value: str, hint: Any) -> Any:
+    from robustbench_ft.methods.registry import parse_option
+
+    return parse_option(name, value, hint)
+
+
+def print_summary(records: list) -> None:
+    """A plain-text table: candidate, reference, each shift, shift mean, effective robustness."""
+    if not records:
+        return
+    first = records[0]
+    cols = [first.reference, *first.shifts]
+    header = ["candidate", *cols, "shift avg", "ER avg (pp)"]
+    rows = []
+    for r in records:
+        er = r.effective_robustness.get("shift-avg") if r.effective_robustness else None
+        rows.append([r.candidate, *[f"{100 * r.score(c):.1f}" for c in cols], f"{100 * r.shift_mean:.1f}",
+                     "-" if er is None else f"{100 * er:+.1f}"])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))
+    print("\n" + line)
+    print("-" * len(line))
+    for row in rows:
+        print("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(row, widths))))
+    print(f"(accuracy in %, {first.primary_metric.get(first.reference, 'top1')} on the reference; "
+          "ER = effective robustness against the suite's baseline fit)")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "methods":
+        from robustbench_ft.methods.registry import list_methods
+
+        for m in list_methods():
+            print(f"{m.name:12s} {m.summary}")
+            if m.paper:
+                print(f"{'':12s} paper: {m.paper}")
+            for f in dataclasses.fields(m.options):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                print(f"{'':12s}   {_flag(f.name)} (default: {default})")
+    elif args.what == "datasets":
+        from robustbench_ft.data.registry import list_datasets
+
+        for d in list_datasets():
+            built = [s for s in d.splits if (d.path(Path(args.data_root), s) / "manifest.json").is_file()]
+            print(f"{d.name:16s} {len(d.classnames):5d} classes  metric={d.metric:6s} splits={','.join(d.splits)}"
+                  f"  built={','.join(built) or 'no'}  {d.description}")
+    elif args.what == "suites":
+        from robustbench_ft.data.registry import list_suites
+
+        for s in list_suites():
+            print(f"{s.name}: reference {s.reference}; shifts {', '.join(s.shifts)}; train {'/'.join(s.train)}; "
+                  f"baseline {s.baseline or 'none'}")
+            if s.description:
+                print(f"    {s.description}")
+            for m, d in s.method_defaults.items():
+                print(f"    defaults for {m}: {d}")
+    else:
+        from robustbench_ft.models.clip import list_models, pretrained_tags
+
+        for name in list_models():
+            tags = pretrained_tags(name)
+            print(f"{name:40s} {', '.join(tags) if tags else '(no pretrained tags: random or a local file)'}")
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from robustbench_ft.data.imagefolder import write_imagefolder_shards
+
+    manifest = write_imagefolder_shards(args.src, args.out, name=args.name, samples_per_shard=args.samples_per_shard,
+                                        resize_shorter=args.resize_shorter, image_format=args.image_format,
+                                        workers=args.workers, on_bad=args.on_bad)
+    print(f"wrote {manifest.num_samples} samples of {len(manifest.classes)} classes in {len(manifest.shards)} "
+          f"shard(s) to {args.out}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from robustbench_ft.data.shards import verify_shards
+
+    manifest = verify_shards(args.directory, check_hashes=True)
+    print(f"ok: {manifest.num_samples} samples, {len(manifest.classes)} classes, {len(manifest.shards)} shard(s); "
+          "sizes and sha256 match the manifest")
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from robustbench_ft.zoo.pretrain_demo import PretrainDemoConfig, pretrain_demo
+
+    summary = pretrain_demo(PretrainDemoConfig(), Path(args.out))
+    print(summary)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from robustbench_ft.report import render_report
+    from robustbench_ft.results import load_records
+    from robustbench_ft.robustness import baseline_records, load_baseline
+
+    records = load_records(args.results)
+    if not records:
+        raise ValueError(f"no result records found in {', '.join(map(str, args.results))}")
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    extra = baseline_records(args.baseline) if args.baseline else []
+    path = render_report(records + extra, args.out, baseline=baseline, title=args.title)
+    print(f"report: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="robustbench-ft", description="Benchmark robust fine-tuning of CLIP models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="fine-tune, evaluate, write records and a report (see `run --help`)", add_help=False)
+    lp = sub.add_parser("list", help="list methods, datasets, suites or models")
+    lp.add_argument("what", choices=["methods", "datasets", "suites", "models"])
+    lp.add_argument("--data-root", default=RunConfig.data_root)
+    sp = sub.add_parser("shard", help="convert a dataset to verified WebDataset shards")
+    sp.add_argument("format", choices=["imagefolder"], help="layout of SRC: imagefolder = SRC/<class>/<image>")
+    sp.add_argument("src", type=Path)
+    sp.add_argument("out", type=Path)
+    sp.add_argument("--name", default=None)
+    sp.add_argument("--samples-per-shard", type=int, default=1000)
+    sp.add_argument("--resize-shorter", type=int, default=None, help="resize so the shorter side is N px")
+    sp.add_argument("--image-format", choices=["jpg", "png", "webp", "keep"], default="jpg")
+    sp.add_argument("--workers", type=int, default=2)
+    sp.add_argument("--on-bad", choices=["error", "skip"], default="error",
+                    help="unreadable images: stop with an error naming the file, or skip and count them")
+    vp = sub.add_parser("verify", help="re-check a shard set against its manifest (counts, classes, sha256)")
+    vp.add_argument("directory", type=Path)
+    zp = sub.add_parser("zoo", help="rebuild the embedded demo model")
+    zsub = zp.add_subparsers(dest="zoo_command", required=True)
+    zpre = zsub.add_parser("pretrain-demo", help="pretrain the demo CLIP from its recipe (CPU, tens of minutes)")
+    zpre.add_argument("--out", default="rbft-demo-vit")
+    rp = sub.add_parser("report", help="render an HTML report from result records")
+    rp.add_argument("results", nargs="+", type=Path, help="record files or directories")
+    rp.add_argument("--out", type=Path, required=True)
+    rp.add_argument("--baseline", default=None, help="baseline fit to draw (e.g. demo-zoo)")
+    rp.add_argument("--title", default="robustbench-ft report")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from robustbench_ft.data.shards import ShardError
+    from robustbench_ft.models.clip import CheckpointError
+    from robustbench_ft.results import RecordError
+
+    try:
+        if argv and argv[0] == "run":
+            return cmd_run(argv[1:])
+        args = build_parser().parse_args(argv)
+        handler = {"list": cmd_list, "shard": cmd_shard, "verify": cmd_verify, "zoo": cmd_zoo,
+                   "report": cmd_report}[args.command]
+        return handler(args)
+    except (KeyError, ValueError, FileNotFoundError, PermissionError, CheckpointError, ShardError, RecordError,
+            FloatingPointError, ModuleNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"robustbench-ft: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("robustbench-ft: interrupted; finished records are kept and the next run resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

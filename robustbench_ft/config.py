@@ -1,0 +1,118 @@
+"""RunConfig: everything that defines a run, from flags and/or a TOML file, with a stable hash."""
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from robustbench_ft.models.clip import BUNDLED_WEIGHTS, CHECKPOINT_SUFFIXES
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "rbft-demo-vit"
+    pretrained: str = "rbft-demo"
+    method: str = "wise-ft"
+    method_options: dict[str, Any] = field(default_factory=dict)  # validated by the method's options dataclass
+    suite: str = "demo"
+    data_root: str = "datasets"
+    cache_dir: str = ".cache/robustbench-ft"
+    results_dir: str = "results"
+    reports_dir: str = "reports"
+    batch_size: int = 256          # evaluation batch size (training batch size is a method option)
+    workers: int = 2
+    device: str = "auto"
+    precision: str = "fp32"
+    seed: int = 0
+    run_name: str | None = None
+    report: bool = True
+    trust_pickle: bool = False
+
+    # Fields that change where things go or how fast, not what is computed: left out of the hash.
+    _NOT_HASHED = frozenset({"data_root", "cache_dir", "results_dir", "reports_dir", "batch_size", "workers",
+                             "device", "run_name", "report", "trust_pickle"})
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the results, with a local checkpoint replaced by its content hash."""
+        ident = {k: v for k, v in asdict(self).items() if k not in self._NOT_HASHED}
+        ident["pretrained"] = pretrained_identity(self.model, self.pretrained)
+        return ident
+
+    def hash(self) -> str:
+        return stable_hash(self.identity())
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"{self.suite}-{self.model}-{self.method}-{self.hash()[:8]}"
+
+    def with_method(self, method: str, options: dict[str, Any]) -> "RunConfig":
+        return replace(self, method=method, method_options=dict(options))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> "RunConfig":
+        """Read a TOML config: top-level RunConfig keys plus an optional ``[method]`` table of method options.
+
+        ``overrides`` (from command-line flags) win over the file.
+        """
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: invalid TOML ({exc})") from exc
+        options = data.pop("method_options", None) or {}
+        if isinstance(data.get("method"), dict):  # [method] table: name = "...", other keys are options
+            table = dict(data.pop("method"))
+            if "name" in table:
+                data["method"] = table.pop("name")
+            options = {**options, **table}
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"{path}: unknown config key(s) {unknown}; valid keys: {sorted(valid - {'method_options'})} "
+                             "and a [method] table of method options")
+        merged = {**data, **{k: v for k, v in overrides.items() if k != "method_options"}}
+        merged["method_options"] = _merge(options, overrides.get("method_options", {}))
+        return cls(**merged)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge (nested tables such as WiSE-FT's base_options merge key by key)."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pretrained_identity(model: str, pretrained: str) -> str:
+    """A tag stays a tag; a file (local or bundled) is identified by its content, not its path."""
+    bundled = BUNDLED_WEIGHTS.get((model, pretrained))
+    path = bundled if bundled is not None else Path(pretrained)
+    if (bundled is not None or path.suffix in CHECKPOINT_SUFFIXES) and path.is_file():
+        return f"sha256:{file_sha256(path)}"
+    return pretrained

@@ -1,0 +1,96 @@
+"""What a method receives (MethodContext) and returns (Candidate)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+from robustbench_ft.config import RunConfig
+from robustbench_ft.data.registry import Suite, ensure_dataset, get_dataset
+from robustbench_ft.models.classifier import Classifier
+from robustbench_ft.models.clip import LoadedCLIP
+
+
+@dataclass
+class Candidate:
+    """A named classifier to evaluate, with tags that place it in the report (alpha, curve, endpoint)."""
+
+    name: str
+    classifier: Classifier
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_alphas(value: Any) -> tuple[float, ...]:
+    """``0.5`` | ``"0,0.25,0.5"`` | ``"0:1:0.1"`` (start:stop:step, stop included) -> sorted unique alphas in [0, 1]."""
+    if isinstance(value, (int, float)):
+        alphas = [float(value)]
+    elif isinstance(value, (list, tuple)):
+        alphas = [float(v) for v in value]
+    else:
+        text = str(value).strip()
+        try:
+            if ":" in text:
+                start, stop, step = (float(p) for p in text.split(":"))
+                if step <= 0:
+                    raise ValueError
+                count = int(math.floor((stop - start) / step + 1e-9)) + 1
+                alphas = [round(start + i * step, 10) for i in range(count)]
+            else:
+                alphas = [float(p) for p in text.split(",") if p.strip()]
+        except ValueError:
+            raise ValueError(f"--alpha {text!r}: expected a number (0.5), a list (0,0.25,0.5) or a range "
+                             "start:stop:step (0:1:0.1)") from None
+    bad = [a for a in alphas if not (0.0 <= a <= 1.0) or math.isnan(a)]
+    if bad or not alphas:
+        raise ValueError(f"alpha must lie in [0, 1] (0 = zero-shot, 1 = fine-tuned); got {bad or 'nothing'}")
+    return tuple(sorted(set(alphas)))
+
+
+@dataclass
+class MethodContext:
+    """Everything a method may use. Methods call back into the context rather than building things themselves."""
+
+    config: RunConfig
+    clip: LoadedCLIP
+    suite: Suite
+    options: Any
+    progress: bool = True
+    log: Callable[[str], None] = print
+
+    @cached_property
+    def zeroshot(self) -> Classifier:
+        ref = get_dataset(self.suite.reference)
+        return Classifier.zeroshot(self.clip, ref.classnames, ref.templates,
+                                   provenance={"model": self.clip.name, "method": "zeroshot"})
+
+    def split_dir(self, which: str) -> Path:
+        """Shard directory of the suite's "train" or "val" split, built first if the harness can build it."""
+        dataset, split = self.suite.train if which == "train" else self.suite.val
+        return ensure_dataset(get_dataset(dataset), Path(self.config.data_root), split, log=self.log)
+
+    def run_method(self, name: str, options: dict[str, Any]) -> list[Candidate]:
+        """Run another registered method (e.g. WiSE-FT's fine-tuned endpoint) under this run's settings."""
+        from robustbench_ft.methods.registry import get_method
+
+        spec = get_method(name)
+        sub = MethodContext(self.config.with_method(name, options), self.clip, self.suite,
+                            spec.make_options(options), self.progress, self.log)
+        sub.__dict__["zeroshot"] = self.zeroshot  # share the zero-shot classifier (one text pass)
+        return spec.cls().run(sub)
+
+    def cached_classifier(self, train: Callable[[], Classifier]) -> Classifier:
+        """Load this config's trained classifier from the checkpoint cache, or train and store it.
+
+        The cache key is the config hash (model, weights content, method, options, suite, seed), so a
+        second run with the same settings never trains again and a changed setting never reuses a stale one.
+        """
+        path = Path(self.config.cache_dir) / "checkpoints" / f"{self.config.method}-{self.config.hash()[:16]}"
+        if path.with_suffix(".safetensors").is_file() and path.with_suffix(".json").is_file():
+            self.log(f"using cached {self.config.method} checkpoint {path.with_suffix('.safetensors')}")
+            return Classifier.load(path, device=self.clip.device)
+        classifier = train()
+        classifier.info.provenance.update({"config_hash": self.config.hash(), "method": self.config.method})
+        classifier.save(path)
+        return classifier

@@ -1,0 +1,179 @@
+"""Loading CLIP models through open_clip: by open_clip pretrained tag, bundled tag, or local file.
+
+Local checkpoints are loaded safely: ``.safetensors`` directly, anything else with
+``torch.load(weights_only=True)``. An arbitrary pickle is never unpickled.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import open_clip
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+# Pretrained tags whose weights ship inside this package (no network needed).
+BUNDLED_WEIGHTS: dict[tuple[str, str], Path] = {
+    ("rbft-demo-vit", "rbft-demo"): WEIGHTS_DIR / "rbft-demo-vit.safetensors",
+}
+RANDOM_INIT = "random"  # pretrained value meaning "no weights" (tests, architecture checks)
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+PRECISIONS = ("fp32", "amp_bf16")
+
+_configs_registered = False
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the requested architecture."""
+
+
+def register_model_configs() -> None:
+    """Make the project's model configs (tiny test models, the demo model) known to open_clip."""
+    global _configs_registered
+    if not _configs_registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _configs_registered = True
+
+
+def list_models() -> list[str]:
+    register_model_configs()
+    return sorted(open_clip.list_models())
+
+
+def pretrained_tags(model: str) -> list[str]:
+    bundled = [tag for (name, tag) in BUNDLED_WEIGHTS if name == model]
+    return bundled + list(open_clip.list_pretrained_tags_by_model(model))
+
+
+@dataclass
+class LoadedCLIP:
+    """An open_clip model with its transforms and tokenizer, and where its weights came from."""
+
+    name: str
+    pretrained: str
+    model: torch.nn.Module
+    preprocess_train: Callable
+    preprocess_eval: Callable
+    tokenizer: Callable
+    device: torch.device
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast where asked for (on GPU in practice); a no-op context for fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "amp_bf16")
+
+
+def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, unwrapped from the usual {"state_dict": ...} containers.
+
+    ``.safetensors`` files cannot contain code. Other files are read with ``weights_only=True``;
+    ``trust_pickle=True`` (an explicit user decision) allows a full unpickle.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:
+        if trust_pickle:
+            raise CheckpointError(f"{path}: could not be loaded ({exc})") from exc
+        raise CheckpointError(
+            f"{path}: not a weights-only checkpoint (torch.load(weights_only=True) refused it: "
+            f"{str(exc).splitlines()[0]}). Refusing to unpickle arbitrary objects, which can run code. "
+            "Convert it to safetensors, or pass --trust-pickle if you trust its author."
+        ) from exc
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a mapping of parameter names to tensors")
+    prefix = "module."  # DistributedDataParallel wrappers
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in obj.items()}
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming the first keys that are missing, unexpected or differ in shape."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), first {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), first {unexpected[:3]}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es), first {shapes[:3]}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model architecture: " + "; ".join(problems)
+                              + ". Check --model matches the checkpoint.")
+
+
+def unknown_model_error(model: str) -> KeyError:
+    valid = list_models()
+    close = difflib.get_close_matches(model, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return KeyError(f"unknown model {model!r}.{hint} `robustbench-ft list models` shows all {len(valid)} names.")
+
+
+def load_clip(model: str, pretrained: str | None = RANDOM_INIT, device: str | torch.device = "cpu",
+              precision: str = "fp32", *, trust_pickle: bool = False) -> LoadedCLIP:
+    """Build an open_clip model and load its weights.
+
+    ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b79k``: downloaded by open_clip
+    on first use), a tag bundled with this package (``rbft-demo``), a local checkpoint file, or
+    ``random`` for random initialisation.
+    """
+    register_model_configs()
+    if model not in open_clip.list_models():
+        raise unknown_model_error(model)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    dev = resolve_device(device)
+    pretrained = pretrained or RANDOM_INIT
+    local = Path(pretrained)
+    bundled = BUNDLED_WEIGHTS.get((model, pretrained))
+    if bundled is not None or local.suffix in CHECKPOINT_SUFFIXES or local.is_file():
+        path = bundled if bundled is not None else local
+        if bundled is not None and not bundled.is_file():
+            raise FileNotFoundError(f"bundled weights {bundled} are missing from the installed package; reinstall "
+                                    "robustbench-ft or rebuild them with `robustbench-ft zoo pretrain-demo`")
+        net, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(model, pretrained=None)
+        state = read_state_dict(path, trust_pickle=trust_pickle)
+        check_state_dict(net.state_dict(), state, str(path))
+        net.load_state_dict(state)
+    elif pretrained == RANDOM_INIT:
+        net, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(model, pretrained=None)
+    else:
+        tags = pretrained_tags(model)
+        if pretrained not in tags:
+            close = difflib.get_close_matches(pretrained, tags, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise KeyError(f"{pretrained!r} is neither a local checkpoint file nor a pretrained tag of {model}.{hint} "
+                           f"Tags for {model}: {', '.join(tags) or 'none'} (or 'random').")
+        net, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(model, pretrained=pretrained)
+    net = net.to(dev).eval()
+    return LoadedCLIP(model, pretrained, net, preprocess_train, preprocess_eval, open_clip.get_tokenizer(model), dev)

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny synthetic suite (made in the test session) and tiny random CLIP models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from robustbench_ft.data.registry import DatasetSpec, Suite, get_suite, register_dataset, register_suite
+from robustbench_ft.data.shards import write_shards
+
+torch.set_num_threads(1)
+
+SYNTH_CLASSES = ("red", "green", "blue")
+SYNTH_TEMPLATES = ("a photo of {}.", "a {} square.")
+
+
+def synth_image(label: int, rng: np.random.Generator, inverted: bool = False) -> Image.Image:
+    """A 32x32 image whose dominant colour channel is the label, so a model can learn it quickly."""
+    arr = rng.integers(0, 60, size=(32, 32, 3), dtype=np.uint8)
+    y, x = rng.integers(0, 16, size=2)
+    arr[y:y + 16, x:x + 16, label] = 220
+    if inverted:
+        arr = 255 - arr
+    return Image.fromarray(arr)
+
+
+def synth_builder(n: int, seed: int, inverted: bool = False):
+    def build(out_dir):
+        rng = np.random.default_rng(seed)
+        samples = ((f"s{i:05d}", synth_image(i % 3, rng, inverted), i % 3, None) for i in range(n))
+        return write_shards(samples, out_dir, name=f"synth-{seed}", classes=list(SYNTH_CLASSES),
+                            samples_per_shard=max(1, n // 3))
+    return build
+
+
+def _register_synthetic() -> None:
+    try:
+        get_suite("synthetic")
+        return
+    except KeyError:
+        pass
+    register_dataset(DatasetSpec("synth", SYNTH_CLASSES, SYNTH_TEMPLATES, splits=("train", "val", "test"),
+                                 builders={"train": synth_builder(48, 1), "val": synth_builder(12, 2),
+                                           "test": synth_builder(24, 3)}, description="synthetic colours"))
+    register_dataset(DatasetSpec("synth-inverted", SYNTH_CLASSES, SYNTH_TEMPLATES,
+                                 builders={"test": synth_builder(24, 4, inverted=True)}))
+    register_suite(Suite("synthetic", reference="synth", shifts=("synth-inverted",), train=("synth", "train"),
+                         val=("synth", "val"), baseline=None,
+                         method_defaults={"finetune": {"epochs": 1, "batch_size": 8, "warmup_steps": 2, "lr": 1e-3}}))
+
+
+_register_synthetic()
+
+
+@pytest.fixture
+def run_dirs(tmp_path):
+    """Keyword arguments for RunConfig that keep every output of a test under tmp_path."""
+    return dict(data_root=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"),
+                results_dir=str(tmp_path / "results"), reports_dir=str(tmp_path / "reports"), workers=0,
+                batch_size=16)
