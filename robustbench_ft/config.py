@@ -22,7 +22,7 @@ class RunConfig:
     cache_dir: str = ".cache/robustbench-ft"
     results_dir: str = "results"
     reports_dir: str = "reports"
-    batch_size: int = 256          # evaluation batch size (training batch size is a method option)
+    eval_batch_size: int = 256     # evaluation batch size (the training batch size is a method option)
     workers: int = 2
     device: str = "auto"
     precision: str = "fp32"
@@ -32,12 +32,12 @@ class RunConfig:
     trust_pickle: bool = False
 
     # Fields that change where things go or how fast, not what is computed: left out of the hash.
-    _NOT_HASHED = frozenset({"data_root", "cache_dir", "results_dir", "reports_dir", "batch_size", "workers",
+    _NOT_HASHED = frozenset({"data_root", "cache_dir", "results_dir", "reports_dir", "eval_batch_size", "workers",
                              "device", "run_name", "report", "trust_pickle"})
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
 

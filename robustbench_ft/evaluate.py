@@ -43,27 +43,29 @@ def transform_id(transform: Callable) -> str:
 
 
 @torch.no_grad()
-def evaluate(classifiers: Mapping[str, Classifier], directory: str | Path, transform: Callable, *,
+def evaluate(classifiers: Mapping[str, torch.nn.Module], directory: str | Path, transform: Callable, *,
              batch_size: int = 256, workers: int = 0, device: torch.device | str = "cpu",
              precision: str = "fp32", progress: bool = True, desc: str = "evaluating",
              keep_meta: bool = False) -> Predictions:
-    """Logits of every classifier on the shard set at ``directory`` in one pass over its images."""
+    """Logits of every classifier on the shard set at ``directory`` in one pass over its images.
+
+    A :class:`Classifier` is run as ``head(features(images))`` so that classifiers sharing an
+    encoder share its forward pass; any other module (e.g. a baseline-zoo network) as ``model(images)``.
+    """
     if not classifiers:
         raise ValueError("evaluate() needs at least one classifier")
     device = torch.device(device)
     manifest = Manifest.load(directory)
     n = manifest.num_samples
-    num_classes = {c.num_classes for c in classifiers.values()}
-    if len(num_classes) != 1:
-        raise ValueError(f"classifiers disagree on the number of classes: {sorted(num_classes)}")
-    width = num_classes.pop()
+    width = len(manifest.classes)
     logits = {name: np.zeros((n, width), dtype=np.float32) for name in classifiers}
     labels = np.full(n, -1, dtype=np.int64)
     metas: list[dict] = [{} for _ in range(n)] if keep_meta else []
     by_encoder: dict[int, list[str]] = {}
     for name, clf in classifiers.items():
         clf.eval()
-        by_encoder.setdefault(id(clf.visual), []).append(name)
+        shared = clf.visual if isinstance(clf, Classifier) else clf
+        by_encoder.setdefault(id(shared), []).append(name)
 
     start = time.perf_counter()
     loader = make_loader(directory, transform, batch_size, num_workers=workers, with_index=True, with_meta=keep_meta)
@@ -75,9 +77,14 @@ def evaluate(classifiers: Mapping[str, Classifier], directory: str | Path, trans
             idx = index.numpy()
             with autocast(device, precision):
                 for names in by_encoder.values():
-                    feats = classifiers[names[0]].features(images)
+                    first = classifiers[names[0]]
+                    feats = first.features(images) if isinstance(first, Classifier) else images
                     for name in names:
-                        logits[name][idx] = classifiers[name].head(feats).float().cpu().numpy()
+                        clf = classifiers[name]
+                        out = clf.head(feats) if isinstance(clf, Classifier) else clf(feats)
+                        if out.shape[1] != width:
+                            raise ValueError(f"{name} outputs {out.shape[1]} classes but {directory} has {width}")
+                        logits[name][idx] = out.float().cpu().numpy()
             labels[idx] = targets.numpy()
             if keep_meta:
                 for i, meta in zip(idx, batch[4]):

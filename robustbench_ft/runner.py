@@ -118,7 +118,7 @@ def _evaluate_all(candidates: list[Candidate], specs, dirs, transform, config: R
     scores: dict[str, dict[str, dict]] = {c.name: {} for c in candidates}
     seconds: dict[str, float] = {}
     for name, spec in specs.items():
-        preds = evaluate_cached(classifiers, dirs[name], transform, cache, batch_size=config.batch_size,
+        preds = evaluate_cached(classifiers, dirs[name], transform, cache, batch_size=config.eval_batch_size,
                                 workers=config.workers, device=next(iter(classifiers.values())).head.weight.device,
                                 precision=config.precision, progress=progress, desc=f"eval {name}",
                                 keep_meta=spec.metric in metrics_mod.NEEDS_META)

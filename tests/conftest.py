@@ -58,4 +58,4 @@ def run_dirs(tmp_path):
     """Keyword arguments for RunConfig that keep every output of a test under tmp_path."""
     return dict(data_root=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"),
                 results_dir=str(tmp_path / "results"), reports_dir=str(tmp_path / "reports"), workers=0,
-                batch_size=16)
+                eval_batch_size=16)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from robustbench_ft.models.clip import LoadedCLIP, check_state_dict, read_state_dict, register_model_configs
+from robustbench_ft.models.clip import LoadedCLIP, check_state_dict, create_architecture, read_state_dict
 from robustbench_ft.models.zeroshot import zeroshot_weights
 from robustbench_ft.results import atomic_write_text
 
@@ -82,8 +82,6 @@ class Classifier(torch.nn.Module):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Classifier":
         """Load a classifier saved by :meth:`save` (``.safetensors`` + ``.json`` sidecar)."""
-        import open_clip
-
         weights = Path(path).with_suffix(".safetensors")
         sidecar = weights.with_suffix(".json")
         if not sidecar.is_file():
@@ -93,8 +91,7 @@ class Classifier(torch.nn.Module):
         if meta.get("format") != SIDECAR_FORMAT:
             raise ValueError(f"{sidecar} is not a robustbench-ft classifier sidecar")
         info = ClassifierInfo(meta["model"], meta["classnames"], meta["templates"], meta.get("provenance", {}))
-        register_model_configs()
-        visual = open_clip.create_model(info.model, pretrained=None).visual
+        visual = create_architecture(info.model)[0].visual
         state = read_state_dict(weights)
         model = cls(visual, torch.zeros(meta["num_classes"], state["head.weight"].shape[1]), info)
         check_state_dict(model.state_dict(), state, str(weights))

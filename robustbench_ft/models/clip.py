@@ -6,6 +6,8 @@ Local checkpoints are loaded safely: ``.safetensors`` directly, anything else wi
 from __future__ import annotations
 
 import difflib
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -29,6 +31,29 @@ _configs_registered = False
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the requested architecture."""
+
+
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init():
+    """open_clip warns when it builds a model without weights; we load the weights ourselves right after."""
+    log_filter = _NoRandomInitWarning()
+    logging.getLogger().addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(log_filter)
+
+
+def create_architecture(model: str) -> tuple[torch.nn.Module, Callable, Callable]:
+    """An open_clip model with random weights and its (train, eval) transforms."""
+    register_model_configs()
+    with _quiet_random_init():
+        return open_clip.create_model_and_transforms(model, pretrained=None)
 
 
 def register_model_configs() -> None:
@@ -161,12 +186,12 @@ def load_clip(model: str, pretrained: str | None = RANDOM_INIT, device: str | to
         if bundled is not None and not bundled.is_file():
             raise FileNotFoundError(f"bundled weights {bundled} are missing from the installed package; reinstall "
                                     "robustbench-ft or rebuild them with `robustbench-ft zoo pretrain-demo`")
-        net, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(model, pretrained=None)
+        net, preprocess_train, preprocess_eval = create_architecture(model)
         state = read_state_dict(path, trust_pickle=trust_pickle)
         check_state_dict(net.state_dict(), state, str(path))
         net.load_state_dict(state)
     elif pretrained == RANDOM_INIT:
-        net, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(model, pretrained=None)
+        net, preprocess_train, preprocess_eval = create_architecture(model)
     else:
         tags = pretrained_tags(model)
         if pretrained not in tags:

@@ -1,0 +1,151 @@
+"""End-to-end runs on the synthetic suite, from Python and from the CLI, including resume and bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from robustbench_ft import RunConfig, run
+from robustbench_ft.cli import main
+from robustbench_ft.results import load_records
+
+TINY = dict(model="rbft-tiny-vit", pretrained="random", suite="synthetic", report=False)
+
+
+def _cli(run_dirs: dict, *extra: str) -> list[str]:
+    args = ["run", "--model", "rbft-tiny-vit", "--pretrained", "random", "--suite", "synthetic", "--no-report"]
+    for key in ("data_root", "cache_dir", "results_dir", "reports_dir", "workers", "eval_batch_size"):
+        args += [f"--{key.replace('_', '-')}", str(run_dirs[key])]
+    return args + list(extra)
+
+
+def test_wise_ft_run_writes_one_record_per_candidate(run_dirs):
+    logs: list[str] = []
+    out = run(RunConfig(method="wise-ft", method_options={"alpha": "0,0.5,1"}, **TINY, **run_dirs),
+              progress=False, log=logs.append)
+    names = [r.candidate for r in out.records]
+    assert names == ["zeroshot", "finetune", "wise-ft α=0.50"]
+    records = {r.candidate: r for r in load_records([Path(run_dirs["results_dir"])])}
+    assert set(records) == set(names)
+    for rec in records.values():
+        assert set(rec.metrics) == {"synth", "synth-inverted"}
+        assert rec.metrics["synth"]["n"] == 24 and 0.0 <= rec.metrics["synth"]["top1"] <= 1.0
+        assert rec.config_hash == out.config.hash() and rec.versions["torch"]
+    assert records["wise-ft α=0.50"].tags == {"alpha": 0.5, "curve": "wise-ft/finetune", "base": "finetune"}
+    assert records["zeroshot"].tags["endpoint"] == "zeroshot"
+    # The fine-tuned endpoint was trained and cached.
+    assert list((Path(run_dirs["cache_dir"]) / "checkpoints").glob("finetune-*.safetensors"))
+
+
+def test_second_run_reuses_checkpoint_and_records(run_dirs):
+    config = RunConfig(method="wise-ft", method_options={"alpha": "0.5"}, **TINY, **run_dirs)
+    first = run(config, progress=False, log=lambda m: None)
+    logs: list[str] = []
+    second = run(config, progress=False, log=logs.append)
+    assert any("using cached finetune checkpoint" in m for m in logs)
+    assert any("reusing 3 finished record(s)" in m for m in logs)
+    assert [r.to_dict() for r in first.records] == [r.to_dict() for r in second.records]
+
+
+def test_changed_option_trains_a_new_endpoint(run_dirs):
+    base = RunConfig(method="finetune", **TINY, **run_dirs)
+    run(base, progress=False, log=lambda m: None)
+    run(RunConfig(method="finetune", method_options={"lr": "5e-4"}, **TINY, **run_dirs), progress=False,
+        log=lambda m: None)
+    assert len(list((Path(run_dirs["cache_dir"]) / "checkpoints").glob("finetune-*.safetensors"))) == 2
+
+
+def test_interrupted_record_file_is_recomputed(run_dirs):
+    config = RunConfig(method="zeroshot", **TINY, **run_dirs)
+    out = run(config, progress=False, log=lambda m: None)
+    path = out.record_paths[0]
+    path.write_text(path.read_text()[:40])  # as if a non-atomic writer had been killed
+    again = run(config, progress=False, log=lambda m: None)
+    assert json.loads(path.read_text())["record_id"] == again.records[0].record_id
+
+
+def test_finetuned_path_skips_training(run_dirs, tmp_path):
+    ft = run(RunConfig(method="finetune", **TINY, **run_dirs), progress=False, log=lambda m: None)
+    saved = ft.records[0]  # the checkpoint lives in the cache; use it as an external endpoint
+    ckpt = next((Path(run_dirs["cache_dir"]) / "checkpoints").glob("finetune-*.safetensors"))
+    out = run(RunConfig(method="wise-ft", method_options={"alpha": "0.5", "finetuned": str(ckpt)}, **TINY,
+                        **{**run_dirs, "cache_dir": str(tmp_path / "other-cache")}), progress=False, log=lambda m: None)
+    assert out.records[1].candidate == "finetuned"
+    assert out.records[1].metrics == saved.metrics
+    assert not (tmp_path / "other-cache" / "checkpoints").exists()
+
+
+def test_cli_run_prints_summary(run_dirs, capsys):
+    assert main(_cli(run_dirs, "--method", "wise-ft", "--alpha", "0.5", "--epochs", "1", "--max-steps", "2")) == 0
+    out = capsys.readouterr().out
+    assert "wise-ft α=0.50" in out and "synth-inverted" in out and "records:" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "wise-fit"], "unknown method 'wise-fit'. Did you mean 'wise-ft'?"),
+    (["--method", "wise-ft", "--alpha", "1.5"], "alpha must lie in [0, 1]"),
+    (["--suite", "synthetik"], "Did you mean 'synthetic'?"),
+    (["--model", "rbft-tiny-vti"], "Did you mean 'rbft-tiny-vit'?"),
+    (["--method", "finetune", "--lr", "fast"], "cannot read 'fast' as float"),
+    (["--eval-batch-size", "0"], "eval_batch_size must be >= 1"),
+])
+def test_cli_bad_input_is_one_clear_line_and_writes_nothing(run_dirs, capsys, args, message):
+    assert main(_cli(run_dirs, *args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not Path(run_dirs["results_dir"]).exists()
+
+
+def test_damaged_buildable_split_is_rebuilt_not_trusted(run_dirs):
+    run(RunConfig(method="zeroshot", **TINY, **run_dirs), progress=False, log=lambda m: None)
+    shard = next((Path(run_dirs["data_root"]) / "synth-inverted" / "test").glob("*.tar"))
+    shard.unlink()
+    logs: list[str] = []
+    run(RunConfig(method="zeroshot", seed=1, **TINY, **run_dirs), progress=False, log=logs.append)
+    assert shard.exists() and any("building synth-inverted" in m for m in logs)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_damaged_user_dataset_names_the_shard(tmp_path, damage):
+    from robustbench_ft.data.registry import DatasetSpec, ensure_dataset
+    from robustbench_ft.data.shards import ShardError
+    from conftest import synth_builder
+
+    spec = DatasetSpec("user-data", ("red", "green", "blue"), ("{}",))
+    synth_builder(12, 0)(spec.path(tmp_path, "test"))
+    shard = sorted(spec.path(tmp_path, "test").glob("*.tar"))[1]
+    if damage == "delete":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ShardError, match=shard.name):
+        ensure_dataset(spec, tmp_path, "test")
+
+
+def test_missing_dataset_without_builder_says_how_to_convert(tmp_path):
+    from robustbench_ft.data.registry import DatasetSpec, ensure_dataset
+
+    spec = DatasetSpec("user-data", ("a", "b"), ("{}",))
+    with pytest.raises(FileNotFoundError, match="robustbench-ft shard user-data"):
+        ensure_dataset(spec, tmp_path, "test")
+
+
+def test_toml_config(tmp_path, run_dirs):
+    path = tmp_path / "run.toml"
+    path.write_text('model = "rbft-tiny-vit"\npretrained = "random"\nsuite = "synthetic"\n'
+                    '[method]\nname = "wise-ft"\nalpha = "0:1:0.5"\n[method.base_options]\nepochs = 2\n')
+    config = RunConfig.from_toml(path, method_options={"base_options": {"lr": 1e-4}}, **run_dirs)
+    assert config.method == "wise-ft" and config.method_options == {
+        "alpha": "0:1:0.5", "base_options": {"epochs": 2, "lr": 1e-4}}
+    bad = tmp_path / "bad.toml"
+    bad.write_text('modle = "x"\n')
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['modle'\]"):
+        RunConfig.from_toml(bad)
+
+
+def test_config_hash_ignores_output_locations_but_not_options(run_dirs, tmp_path):
+    a = RunConfig(**TINY, **run_dirs)
+    b = RunConfig(**TINY, **{**run_dirs, "results_dir": str(tmp_path / "elsewhere"), "workers": 3})
+    c = RunConfig(**TINY, **run_dirs, method_options={"alpha": "0.3"})
+    assert a.hash() == b.hash() != c.hash()
