@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
@@ -167,7 +168,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
     manifest = write_imagefolder_shards(args.src, args.out, name=args.name, samples_per_shard=args.samples_per_shard,
                                         resize_shorter=args.resize_shorter, image_format=args.image_format,
-                                        workers=args.workers, on_bad=args.on_bad)
+                                        workers=args.workers, on_bad=args.on_bad, shuffle_seed=args.shuffle_seed)
     print(f"wrote {manifest.num_samples} samples of {len(manifest.classes)} classes in {len(manifest.shards)} "
           f"shard(s) to {args.out}")
     return 0
@@ -183,10 +184,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from robustbench_ft.zoo.pretrain_demo import PretrainDemoConfig, pretrain_demo
+    if args.zoo_command == "pretrain-demo":
+        from robustbench_ft.zoo.pretrain_demo import PretrainDemoConfig, pretrain_demo
 
-    summary = pretrain_demo(PretrainDemoConfig(), Path(args.out))
-    print(summary)
+        summary = pretrain_demo(PretrainDemoConfig(), Path(args.out))
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        from robustbench_ft.zoo.baselines import build_demo_zoo
+
+        paths = build_demo_zoo(out_dir=Path(args.out), data_root=Path(args.data_root), only=args.only or None)
+        print(f"{len(paths)} baseline record(s) in {args.out}")
     return 0
 
 
@@ -223,12 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=2)
     sp.add_argument("--on-bad", choices=["error", "skip"], default="error",
                     help="unreadable images: stop with an error naming the file, or skip and count them")
+    sp.add_argument("--shuffle-seed", type=int, default=None,
+                    help="shuffle files before sharding (use for training splits: shards are otherwise class-sorted)")
     vp = sub.add_parser("verify", help="re-check a shard set against its manifest (counts, classes, sha256)")
     vp.add_argument("directory", type=Path)
-    zp = sub.add_parser("zoo", help="rebuild the embedded demo model")
+    zp = sub.add_parser("zoo", help="rebuild the embedded demo model or the demo baseline zoo")
     zsub = zp.add_subparsers(dest="zoo_command", required=True)
     zpre = zsub.add_parser("pretrain-demo", help="pretrain the demo CLIP from its recipe (CPU, tens of minutes)")
-    zpre.add_argument("--out", default="rbft-demo-vit")
+    zpre.add_argument("--out", default="rbft-demo-vit", help="output path stem (.safetensors and .json are written)")
+    zbase = zsub.add_parser("baselines", help="train and evaluate the demo suite's baseline zoo (reference data only)")
+    zbase.add_argument("--out", default="demo-zoo", help="directory for the baseline records")
+    zbase.add_argument("--data-root", default=RunConfig.data_root)
+    zbase.add_argument("--only", nargs="*", help="rebuild only these zoo models")
     rp = sub.add_parser("report", help="render an HTML report from result records")
     rp.add_argument("results", nargs="+", type=Path, help="record files or directories")
     rp.add_argument("--out", type=Path, required=True)

@@ -1,0 +1,271 @@
+"""One self-contained HTML page per run: figures, accuracy and effective-robustness tables.
+
+``index.html`` inlines every figure as a base64 PNG, and its CSS, so the page can be mailed or
+opened offline as a single file; ``figures/<name>.png`` and ``.svg`` sit beside it for papers.
+The template autoescapes everything and never marks user text safe: candidate names, methods,
+tags and config values come from result files anyone can write.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Sequence
+
+import jinja2
+
+from robustbench_ft.report.figures import figure_bytes, scatter_figure
+from robustbench_ft.results import ResultRecord, atomic_write_bytes, atomic_write_text, now_iso, slugify
+from robustbench_ft.robustness import SHIFT_AVG, Baseline, compute_effective_robustness, shift_score
+
+TEMPLATES = Path(__file__).parent / "templates"
+DEFAULT_TITLE = "robustbench-ft report"
+MAX_CONFIG_VALUE = 160
+
+
+@dataclass
+class Cell:
+    """One table cell: display text plus CSS classes (numbers right-aligned, best in bold, ER sign)."""
+
+    text: str
+    classes: str = ""
+    title: str = ""
+
+
+@dataclass
+class Table:
+    columns: list[Cell]
+    rows: list[list[Cell]] = field(default_factory=list)
+
+
+@dataclass
+class FigureView:
+    name: str
+    title: str
+    data_uri: str
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _pp(value: float | None) -> Cell:
+    """Effective robustness in percentage points, signed and coloured."""
+    if value is None:
+        return Cell("—", "num")
+    return Cell(f"{100 * value:+.1f}", "num " + ("pos" if value > 0.0005 else "neg" if value < -0.0005 else ""))
+
+
+def _alpha(record: ResultRecord) -> float | None:
+    a = record.tags.get("alpha")
+    return float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
+
+
+def _sort_key(record: ResultRecord) -> tuple:
+    """Curves first (in α order), then everything else by name."""
+    curve = record.tags.get("curve")
+    alpha = _alpha(record)
+    return (not isinstance(curve, str), str(curve or ""), alpha if alpha is not None else float("inf"),
+            record.method, record.candidate)
+
+
+def _single(records: Sequence[ResultRecord], attr: str) -> str:
+    values = sorted({getattr(r, attr) for r in records})
+    if len(values) != 1:
+        raise ValueError(f"a report covers one {attr}; these records mix {values} — render one report per {attr}")
+    return values[0]
+
+
+def _metric_label(records: Sequence[ResultRecord], dataset: str) -> str:
+    metric = next((r.primary_metric[dataset] for r in records if dataset in r.primary_metric), "top1")
+    return dataset if metric == "top1" else f"{dataset} ({metric})"
+
+
+def _accuracy_table(records: Sequence[ResultRecord], reference: str, shifts: list[str],
+                    avg_shifts: list[str], *, with_alpha: bool) -> Table:
+    columns = [Cell("candidate"), Cell("method"), *([Cell("α", "num")] if with_alpha else []),
+               Cell(_metric_label(records, reference) + " (ref)", "num"),
+               *(Cell(_metric_label(records, s), "num") for s in shifts),
+               Cell("shift avg", "num", "mean over " + ", ".join(avg_shifts))]
+    values = [[r.score(d) if d in r.metrics else None for d in (reference, *shifts)]
+              + [shift_score(r, SHIFT_AVG, avg_shifts)] for r in records]
+    best = [max((v[j] for v in values if v[j] is not None), default=None) for j in range(len(shifts) + 2)]
+    table = Table(columns)
+    for r, vals in zip(records, values):
+        alpha = _alpha(r)
+        row = [Cell(r.candidate, "name", r.record_id), Cell(r.method)]
+        if with_alpha:
+            row.append(Cell("" if alpha is None else f"{alpha:g}", "num"))
+        row += [Cell(_pct(v), "num" + (" best" if v is not None and v == b and len(records) > 1 else ""))
+                for v, b in zip(vals, best)]
+        table.rows.append(row)
+    return table
+
+
+def _er_table(records: Sequence[ResultRecord], er_by_id: dict[str, dict[str, Any]]) -> tuple[Table | None, str]:
+    """Effective robustness (pp) per shift, of the shift average, and the mean over shifts, plus
+    the names of the baselines it was measured against (records read from disk may differ)."""
+    entries = [(r, er_by_id[r.record_id]) for r in records if er_by_id.get(r.record_id)]
+    if not entries:
+        return None, ""
+    shifts = list(dict.fromkeys(s for _, er in entries for s in er.get("per_shift", {})))
+    names = sorted({str(er.get("baseline", "?")) for _, er in entries})
+    table = Table([Cell("candidate"), *(Cell(s, "num") for s in shifts), Cell("shift avg", "num"),
+                   Cell("mean over shifts", "num")])
+    for r, er in entries:
+        per = er.get("per_shift", {})
+        table.rows.append([Cell(r.candidate, "name", r.record_id), *(_pp(per.get(s)) for s in shifts),
+                           _pp(er.get(SHIFT_AVG)), _pp(er.get("mean_per_shift"))])
+    return table, ", ".join(names)
+
+
+def _fit_table(baseline: Baseline) -> Table:
+    table = Table([Cell("fit"), Cell("x → y"), Cell("slope", "num"), Cell("intercept", "num"),
+                   Cell("r", "num"), Cell("n", "num")])
+    for key, fit in baseline.fits.items():
+        table.rows.append([Cell(key), Cell(f"{fit.x_dataset} → {fit.y_dataset}"), Cell(f"{fit.slope:.4f}", "num"),
+                           Cell(f"{fit.intercept:+.4f}", "num"), Cell(f"{fit.r:.4f}", "num"),
+                           Cell(str(fit.n), "num")])
+    return table
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            rows += _flatten(value, name + ".")
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+        rows.append((name, text if len(text) <= MAX_CONFIG_VALUE else text[: MAX_CONFIG_VALUE - 1] + "…"))
+    return rows
+
+
+def _report_versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("matplotlib", "jinja2", "scipy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _highlights(records: Sequence[ResultRecord], reference: str, avg_shifts: list[str],
+                er: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(label, candidate, value) lines for the top of the page."""
+    out = []
+    scored = [(r.score(reference), r) for r in records if reference in r.metrics]
+    if scored:
+        v, r = max(scored, key=lambda t: t[0])
+        out.append((f"best {reference} (reference) accuracy", r.candidate, f"{_pct(v)} %"))
+    scored = [(y, r) for r in records if (y := shift_score(r, SHIFT_AVG, avg_shifts)) is not None]
+    if scored:
+        v, r = max(scored, key=lambda t: t[0])
+        out.append(("best shift-average accuracy", r.candidate, f"{_pct(v)} %"))
+    scored = [(e[SHIFT_AVG], r) for r in records if (e := er.get(r.record_id)) and e.get(SHIFT_AVG) is not None]
+    if scored:
+        v, r = max(scored, key=lambda t: t[0])
+        out.append(("highest effective robustness (shift avg)", r.candidate, f"{100 * v:+.1f} pp"))
+    return out
+
+
+def _write_figures(records: Sequence[ResultRecord], keys: list[str], fig_dir: Path, *, avg_shifts: list[str],
+                   baseline: Baseline | None, kind: str, n_boot: int) -> list[FigureView]:
+    """One scatter plot per key, written as ``fig_dir/<name>.png|svg`` and returned for inlining."""
+    figures: list[FigureView] = []
+    used: set[str] = set()
+    for key in keys:
+        fig_title = f"average over {len(avg_shifts)} shifts" if key == SHIFT_AVG else key
+        fig = scatter_figure(records, key, avg_shifts=avg_shifts, baseline=baseline, kind=kind,
+                             title=fig_title, n_boot=n_boot)
+        png, svg = figure_bytes(fig)
+        name = slugify(f"scatter-{key}")
+        while name in used:  # two shift names that slugify alike
+            name += "-"
+        used.add(name)
+        atomic_write_bytes(fig_dir / f"{name}.png", png)
+        atomic_write_bytes(fig_dir / f"{name}.svg", svg)
+        figures.append(FigureView(name, fig_title, "data:image/png;base64," + base64.b64encode(png).decode("ascii")))
+    return figures
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+def render_report(
+    records: list[ResultRecord],
+    out_dir: Path,
+    *,
+    baseline: Baseline | None = None,
+    title: str = DEFAULT_TITLE,
+    n_boot: int = 1000,
+) -> Path:
+    """Write ``out_dir/index.html`` (self-contained) and ``out_dir/figures/*.png|svg``; return the page.
+
+    ``records`` are one suite's records: candidates plus, optionally, the baseline models
+    (``kind == "baseline"``), drawn as grey dots. Without ``baseline``, one is fitted to those
+    baseline records when there are at least three. Every file is written atomically (temporary
+    file + rename), the page last, so a reader never sees a half-written report."""
+    if not records:
+        raise ValueError("no records to report; run an evaluation first or point at a results directory")
+    suite, reference = _single(records, "suite"), _single(records, "reference")
+    base_records = [r for r in records if r.kind == "baseline"]
+    candidates = sorted((r for r in records if r.kind != "baseline"), key=_sort_key)
+    if baseline is None and len(base_records) >= 3:
+        baseline = Baseline.from_records(base_records, name=f"{suite} baseline records", source="fitted for this report")
+    if baseline is not None and baseline.suite != suite:
+        raise ValueError(f"baseline {baseline.name!r} is for suite {baseline.suite!r}, the records for {suite!r}")
+    kind = baseline.transform if baseline is not None else "logit"
+
+    shifts = list(dict.fromkeys(s for r in [*candidates, *base_records] for s in r.shifts
+                                if s != reference and any(s in q.metrics for q in records)))
+    avg_shifts = (list(baseline.avg_shifts) if baseline is not None and baseline.avg_shifts
+                  else [s for s in shifts if all(s in r.metrics for r in candidates or records)])
+
+    out_dir = Path(out_dir)
+    figures = _write_figures(records, [*shifts, SHIFT_AVG] if avg_shifts else shifts, out_dir / "figures",
+                             avg_shifts=avg_shifts, baseline=baseline, kind=kind, n_boot=n_boot)
+    # against the report's baseline when there is one, else whatever the records carry
+    er_by_id = ({r.record_id: compute_effective_robustness(r, baseline) for r in candidates}
+                if baseline is not None else {r.record_id: r.effective_robustness for r in candidates})
+    er_table, er_baselines = _er_table(candidates, er_by_id)
+    first = next((r for r in candidates if r.config), candidates[0] if candidates else records[0])
+    context = {
+        "title": title,
+        "generated": now_iso(),
+        "suite": suite,
+        "reference": reference,
+        "shifts": shifts,
+        "avg_shifts": avg_shifts,
+        "transform": kind,
+        "summary": [("suite", suite), ("model", f"{first.model} ({first.pretrained})"), ("reference", reference),
+                    ("shifts", ", ".join(shifts) or "—"), ("candidates", str(len(candidates))),
+                    ("baseline models", str(len(base_records)) if base_records else "—"),
+                    ("baseline", baseline.name if baseline is not None else "none"),
+                    ("axis scale", kind)],
+        "highlights": _highlights(candidates, reference, avg_shifts, er_by_id),
+        "figures": figures,
+        "accuracy": _accuracy_table(candidates, reference, shifts, avg_shifts,
+                                    with_alpha=any(_alpha(r) is not None for r in candidates)) if candidates else None,
+        "baseline_accuracy": _accuracy_table(sorted(base_records, key=lambda r: r.score(reference)), reference,
+                                             shifts, avg_shifts,
+                                             with_alpha=False) if base_records else None,
+        "er": er_table,
+        "er_baselines": er_baselines,
+        "baseline": baseline,
+        "fits": _fit_table(baseline) if baseline is not None else None,
+        "config": _flatten(first.config),
+        "config_hash": first.config_hash,
+        "created": first.created,
+        "versions": sorted(first.versions.items()),
+        "report_versions": sorted(_report_versions().items()),
+    }
+    html = _environment().get_template("report.html.j2").render(**context)
+    page = out_dir / "index.html"
+    atomic_write_text(page, html)
+    return page
