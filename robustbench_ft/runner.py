@@ -6,6 +6,7 @@ config are reused, and logits are cached, so an interrupted run resumes where it
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ def run(config: RunConfig, *, progress: bool = True, log: Callable[[str], None] 
     suite = get_suite(config.suite)
     method = get_method(config.method)
     options = method.make_options({**suite.method_defaults.get(config.method, {}), **config.method_options})
+    for flag in ("data_root", "cache_dir", "results_dir") + (("reports_dir",) if config.report else ()):
+        check_writable(Path(getattr(config, flag)), flag)
     specs = {name: get_dataset(name) for name in suite.eval_datasets}
     root = Path(config.data_root)
     dirs = {name: ensure_dataset(spec, root, "test", log=log) for name, spec in specs.items()}
@@ -101,6 +104,18 @@ def run(config: RunConfig, *, progress: bool = True, log: Callable[[str], None] 
         outcome.report = render_run_report(ordered, config, suite.baseline)
     timings["total"] = time.perf_counter() - t0
     return outcome
+
+
+def check_writable(directory: Path, flag: str) -> None:
+    """Fail before any work if an output directory cannot be created or written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(f"cannot write to {directory} ({exc.strerror or exc}); pass a writable "
+                              f"--{flag.replace('_', '-')}") from None
 
 
 def _record_id(config_hash: str, candidate: str) -> str:

