@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from robustbench_ft.models.clip import LoadedCLIP, check_state_dict, create_architecture, read_state_dict
 from robustbench_ft.models.zeroshot import zeroshot_weights
-from robustbench_ft.results import atomic_write_text
+from robustbench_ft.results import atomic_write_bytes, atomic_write_text
 
 SIDECAR_FORMAT = "robustbench-ft-classifier"
 
@@ -67,14 +67,11 @@ class Classifier(torch.nn.Module):
     # --- persistence -------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` and ``<path>.json`` (both atomically). Returns the weights path."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         weights = Path(path).with_suffix(".safetensors")
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        tmp = weights.with_name(f".{weights.name}.tmp")
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(tmp))
-        tmp.replace(weights)
+        atomic_write_bytes(weights, save(state))
         sidecar = {"format": SIDECAR_FORMAT, "version": 1, "num_classes": self.num_classes, **asdict(self.info)}
         atomic_write_text(weights.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
         return weights
