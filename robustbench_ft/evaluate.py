@@ -46,18 +46,20 @@ def transform_id(transform: Callable) -> str:
 def evaluate(classifiers: Mapping[str, torch.nn.Module], directory: str | Path, transform: Callable, *,
              batch_size: int = 256, workers: int = 0, device: torch.device | str = "cpu",
              precision: str = "fp32", progress: bool = True, desc: str = "evaluating",
-             keep_meta: bool = False) -> Predictions:
+             keep_meta: bool = False, num_outputs: int | None = None) -> Predictions:
     """Logits of every classifier on the shard set at ``directory`` in one pass over its images.
 
     A :class:`Classifier` is run as ``head(features(images))`` so that classifiers sharing an
     encoder share its forward pass; any other module (e.g. a baseline-zoo network) as ``model(images)``.
+    ``num_outputs`` is the width every classifier must output: the dataset's class count by default,
+    the reference's for a shift whose spec maps reference logits onto its classes (ImageNet-R, ObjectNet).
     """
     if not classifiers:
         raise ValueError("evaluate() needs at least one classifier")
     device = torch.device(device)
     manifest = Manifest.load(directory)
     n = manifest.num_samples
-    width = len(manifest.classes)
+    width = len(manifest.classes) if num_outputs is None else num_outputs
     logits = {name: np.zeros((n, width), dtype=np.float32) for name in classifiers}
     labels = np.full(n, -1, dtype=np.int64)
     metas: list[dict] = [{} for _ in range(n)] if keep_meta else []
@@ -83,7 +85,7 @@ def evaluate(classifiers: Mapping[str, torch.nn.Module], directory: str | Path, 
                         clf = classifiers[name]
                         out = clf.head(feats) if isinstance(clf, Classifier) else clf(feats)
                         if out.shape[1] != width:
-                            raise ValueError(f"{name} outputs {out.shape[1]} classes but {directory} has {width}")
+                            raise ValueError(f"{name} outputs {out.shape[1]} classes, but {width} are expected for {directory}")
                         logits[name][idx] = out.float().cpu().numpy()
             labels[idx] = targets.numpy()
             if keep_meta:
