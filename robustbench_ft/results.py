@@ -3,6 +3,9 @@
 All stored accuracies and effective-robustness values are fractions (0.873 = 87.3 %); reports
 and tables convert to percent. A record names everything needed to reproduce it (the run config
 and its hash, software versions) and to compare it (suite, reference, shifts, the baseline used).
+
+Schema versions: 2 added ``summary`` (aggregates a paper reports without their parts, e.g. a mean
+over five shifts) and the ``submitted`` kind; version-1 files load unchanged (an empty summary).
 """
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-SCHEMA_VERSION = 1
-RECORD_KINDS = ("reproduced", "published", "baseline")
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+RECORD_KINDS = ("reproduced", "published", "baseline", "submitted")
 
 
 class RecordError(ValueError):
@@ -38,13 +42,16 @@ class ResultRecord:
     primary_metric: dict[str, str] = field(default_factory=dict)  # dataset -> key in metrics used for ranking/ER
     tags: dict[str, Any] = field(default_factory=dict)             # e.g. {"alpha": 0.5, "base": "finetune"}
     effective_robustness: dict[str, Any] = field(default_factory=dict)  # see robustness.attach_effective_robustness
-    kind: str = "reproduced"                      # reproduced | published | baseline
+    kind: str = "reproduced"                      # reproduced | published | baseline | submitted
     citation: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     created: str = ""
+    # Aggregates reported without their parts: name -> {"metric", "value", "over": [datasets], "std"?,
+    # "note"?}; e.g. {"shift-avg": {"metric": "top1", "value": 0.602, "over": [five shifts]}}.
+    summary: dict[str, dict[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def score(self, dataset: str) -> float:
@@ -58,9 +65,21 @@ class ResultRecord:
 
     @property
     def shift_mean(self) -> float:
-        """Mean primary metric over the shifts the record has."""
+        """The record's reported mean over all its shifts (``summary``) if it has one, else the
+        mean primary metric over the shifts it has scores for (NaN if none)."""
+        reported = self.summary_score("shift-avg", self.shifts)
+        if reported is not None:
+            return reported
         present = [s for s in self.shifts if s in self.metrics]
         return sum(self.score(s) for s in present) / len(present) if present else float("nan")
+
+    def summary_score(self, key: str, over: Iterable[str]) -> float | None:
+        """Reported aggregate ``key`` if it is over exactly the datasets ``over``, else None: a mean
+        over other shifts is a different number and must not stand in for it."""
+        entry = self.summary.get(key)
+        if not entry or sorted(entry.get("over", [])) != sorted(over):
+            return None
+        return float(entry["value"])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,8 +89,9 @@ class ResultRecord:
         if not isinstance(data, dict):
             raise RecordError(f"{source}: a result record is a JSON object, got {type(data).__name__}")
         version = data.get("schema_version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
-            raise RecordError(f"{source}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        if version not in SUPPORTED_SCHEMA_VERSIONS or isinstance(version, bool):
+            raise RecordError(f"{source}: schema_version {version!r} is not supported "
+                              f"(this version reads {list(SUPPORTED_SCHEMA_VERSIONS)}); upgrade robustbench-ft")
         known = {f.name for f in fields(cls)}
         required = {"record_id", "suite", "model", "pretrained", "method", "candidate", "reference", "shifts", "metrics"}
         missing = sorted(required - data.keys())
@@ -80,10 +100,59 @@ class ResultRecord:
         unknown = sorted(data.keys() - known)
         if unknown:
             raise RecordError(f"{source}: unknown field(s) {unknown}")
-        record = cls(**data)
+        if version == 1 and "summary" in data:
+            raise RecordError(f"{source}: field 'summary' needs schema_version 2 (the file says 1)")
+        _check_types(data, source)
+        record = cls(**{**data, "schema_version": SCHEMA_VERSION})
         if record.kind not in RECORD_KINDS:
             raise RecordError(f"{source}: kind {record.kind!r} is not one of {RECORD_KINDS}")
         return record
+
+
+_STR_FIELDS = ("record_id", "suite", "model", "pretrained", "method", "candidate", "reference", "kind", "citation",
+               "config_hash", "created")
+_DICT_FIELDS = ("tags", "effective_robustness", "config", "versions", "timings")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(data: dict[str, Any], source: str) -> None:
+    """Field types, so that a hand-edited or hostile file fails here with its field named rather
+    than later inside a report (a string where a number belongs, a list where a table belongs)."""
+    def bad(name: str, expected: str) -> RecordError:
+        return RecordError(f"{source}: field {name!r} must be {expected}, got {type(data[name]).__name__}")
+
+    for name in _STR_FIELDS:
+        if name in data and not isinstance(data[name], str):
+            raise bad(name, "a string")
+    for name in _DICT_FIELDS:
+        if name in data and not isinstance(data[name], dict):
+            raise bad(name, "an object")
+    if not isinstance(data["shifts"], list) or not all(isinstance(s, str) for s in data["shifts"]):
+        raise bad("shifts", "a list of dataset names")
+    metrics = data["metrics"]
+    if not isinstance(metrics, dict) or not all(isinstance(m, dict) for m in metrics.values()):
+        raise bad("metrics", "an object of dataset -> {metric: number}")
+    for ds, values in metrics.items():
+        for key, value in values.items():
+            if not _is_number(value):
+                raise RecordError(f"{source}: metrics[{ds!r}][{key!r}] must be a number, got {value!r}")
+    primary = data.get("primary_metric", {})
+    if not isinstance(primary, dict) or not all(isinstance(v, str) for v in primary.values()):
+        raise RecordError(f"{source}: field 'primary_metric' must be an object of dataset -> metric name")
+    for ds, key in primary.items():
+        if ds in metrics and key not in metrics[ds]:
+            raise RecordError(f"{source}: primary_metric[{ds!r}] names {key!r}, which metrics[{ds!r}] lacks")
+    summary = data.get("summary", {})
+    if not isinstance(summary, dict):
+        raise bad("summary", "an object")
+    for key, entry in summary.items():
+        if (not isinstance(entry, dict) or not _is_number(entry.get("value")) or not isinstance(entry.get("metric"), str)
+                or not isinstance(entry.get("over"), list) or not all(isinstance(d, str) for d in entry["over"])):
+            raise RecordError(f"{source}: summary[{key!r}] must be an object with 'metric' (string), 'value' "
+                              f"(number) and 'over' (list of dataset names)")
 
 
 def slugify(text: str) -> str:
@@ -145,11 +214,13 @@ def load_record(path: Path) -> ResultRecord:
 
 
 def iter_record_files(paths: Iterable[Path]) -> list[Path]:
-    """Record files named directly or found (recursively, *.json) under directories, sorted."""
+    """Record files named directly or found (recursively, *.json, skipping hidden names) under
+    directories, sorted."""
     files: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            files.extend(sorted(q for q in p.rglob("*.json") if not q.name.startswith(".")))
+        if p.is_dir():  # hidden files and directories are temporary (atomic writes in progress)
+            files.extend(sorted(q for q in p.rglob("*.json")
+                                if not any(part.startswith(".") for part in q.relative_to(p).parts)))
         elif p.is_file():
             files.append(p)
         else:

@@ -122,6 +122,9 @@ class LinearFit:
     transform: str = "logit"
     x_dataset: str = ""
     y_dataset: str = ""
+    # Key in ``metrics[x_dataset]`` that x is; "" is the dataset's primary metric. A shift that covers
+    # only some reference classes is fitted against reference accuracy on those classes (see ``subset_metric``).
+    x_metric: str = ""
 
     def predict(self, acc_ref: ArrayLike, *, n: ArrayLike | None = None) -> float | np.ndarray:
         """Shift accuracy the trend predicts for reference accuracy ``acc_ref`` (accuracy space).
@@ -138,6 +141,35 @@ class LinearFit:
         fit = cls(**data)
         _check_kind(fit.transform)
         return fit
+
+
+def subset_metric(shift: str, metric: str = "top1") -> str:
+    """Key, inside the reference dataset's metrics, of its ``metric`` restricted to the classes that
+    ``shift`` covers (``"top1@imagenet-r"``): the x a class-subset shift's baseline is fitted on, since
+    a model is judged on ImageNet-R against its ImageNet accuracy on the same 200 classes."""
+    return f"{metric}@{shift}"
+
+
+def subset_count(x_metric: str) -> str:
+    """Key of the sample count behind a class-subset metric (``"top1@imagenet-r"`` -> ``"n@imagenet-r"``)."""
+    return "n@" + x_metric.partition("@")[2]
+
+
+def reference_x(record: "ResultRecord", x_metric: str = "") -> float | None:
+    """The record's reference score, or its ``x_metric`` entry of the reference's metrics; None
+    where it lacks it."""
+    if not x_metric:
+        return record.reference_score if record.reference in record.metrics else None
+    value = record.metrics.get(record.reference, {}).get(x_metric)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def fit_x(record: "ResultRecord", fit: LinearFit) -> float | None:
+    """The record's x for ``fit`` (``reference_x`` of the fit's ``x_metric``). None where the
+    record lacks it or has another reference: then it has no place on that trend."""
+    if fit.x_dataset and fit.x_dataset != record.reference:
+        return None
+    return reference_x(record, fit.x_metric)
 
 
 def _paired_accuracies(x_acc: ArrayLike, y_acc: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -182,6 +214,7 @@ def fit_linear(
     y_n: ArrayLike | None = None,
     x_dataset: str = "",
     y_dataset: str = "",
+    x_metric: str = "",
 ) -> LinearFit:
     """Least-squares line through (x, y) accuracies in ``transform`` space (Taori et al. 2020).
 
@@ -190,7 +223,8 @@ def fit_linear(
     x, y = _paired_accuracies(x_acc, y_acc)
     tx, ty = _to_axis(x, transform, n=x_n), _to_axis(y, transform, n=y_n)
     slope, intercept, r = _least_squares(tx, ty)
-    return LinearFit(float(slope), float(intercept), float(r), int(x.size), transform, x_dataset, y_dataset)
+    return LinearFit(float(slope), float(intercept), float(r), int(x.size), transform, x_dataset, y_dataset,
+                     x_metric)
 
 
 def bootstrap_band(
@@ -237,19 +271,32 @@ def bootstrap_band(
 # Baselines
 # --------------------------------------------------------------------------------------------
 
-def _metric_n(record: "ResultRecord", dataset: str) -> float | None:
-    n = record.metrics.get(dataset, {}).get("n")
+def _metric_n(record: "ResultRecord", dataset: str, key: str = "n") -> float | None:
+    n = record.metrics.get(dataset, {}).get(key)
     return float(n) if isinstance(n, (int, float)) and n >= 1 else None
+
+
+def _x_n(record: "ResultRecord", x_metric: str) -> float | None:
+    """Test-set size behind ``reference_x`` (the class subset's own count for a subset metric)."""
+    return _metric_n(record, record.reference, subset_count(x_metric) if x_metric else "n")
 
 
 def shift_score(record: "ResultRecord", key: str, avg_shifts: Sequence[str]) -> float | None:
     """The record's y value for fit ``key``: its score on shift ``key``, or for ``SHIFT_AVG`` its
-    mean over ``avg_shifts`` (the same shifts the baseline averaged). None where it lacks them."""
+    mean over ``avg_shifts`` (the same shifts the baseline averaged). A mean the record reports
+    over exactly those shifts (``summary``: a paper's own average column) comes first — it can
+    differ from the mean of the per-shift numbers, e.g. when each column was tuned separately —
+    then the mean of the per-shift scores. None where it has neither."""
     if key != SHIFT_AVG:
         return record.score(key) if key in record.metrics else None
-    if not avg_shifts or any(s not in record.metrics for s in avg_shifts):
+    if not avg_shifts:
         return None
-    return sum(record.score(s) for s in avg_shifts) / len(avg_shifts)
+    reported = record.summary_score(SHIFT_AVG, avg_shifts)
+    if reported is not None:
+        return reported
+    if all(s in record.metrics for s in avg_shifts):
+        return sum(record.score(s) for s in avg_shifts) / len(avg_shifts)
+    return None
 
 
 def _shift_n(record: "ResultRecord", key: str, avg_shifts: Sequence[str]) -> float | None:
@@ -270,8 +317,9 @@ class Baseline:
     the mean over ``avg_shifts`` — reference accuracy on x, as the WiSE-FT paper plots it.
 
     ``points`` keeps the accuracies each fit was made from (``{"x": [...], "y": [...], "x_n":
-    [...] | None, "y_n": [...] | None}``), so a saved baseline can still draw its models and its
-    bootstrap band; a baseline copied from a paper may carry coefficients only."""
+    [...] | None, "y_n": [...] | None}``, optionally ``"models"``: their names), so a saved baseline
+    can still draw its models and its bootstrap band; a baseline copied from a paper may carry
+    coefficients only."""
 
     name: str
     suite: str
@@ -280,7 +328,7 @@ class Baseline:
     source: str
     citation: str = ""
     avg_shifts: list[str] = field(default_factory=list)
-    points: dict[str, dict[str, list[float] | None]] = field(default_factory=dict)
+    points: dict[str, dict[str, list | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_kind(self.transform)
@@ -337,21 +385,24 @@ class Baseline:
         avg_shifts = [s for s in shifts if all(s in r.metrics for r in base)]
 
         fits: dict[str, LinearFit] = {}
-        points: dict[str, dict[str, list[float] | None]] = {}
+        points: dict[str, dict[str, list | None]] = {}
         for key in [*shifts, SHIFT_AVG] if avg_shifts else shifts:
             rows = [r for r in base if shift_score(r, key, avg_shifts) is not None]
             if len(rows) < 3:
                 warnings.warn(f"baseline {name!r}: only {len(rows)} baseline model(s) report {key!r}; "
                               f"no fit for it (need 3)", stacklevel=2)
                 continue
-            pts = {
-                "x": [r.reference_score for r in rows],
+            # a class-subset shift is fitted on reference accuracy on its classes where every model has it
+            sub = subset_metric(key)
+            x_metric = sub if key != SHIFT_AVG and all(sub in r.metrics[reference] for r in rows) else ""
+            pts: dict[str, list | None] = {
+                "x": [reference_x(r, x_metric) for r in rows],
                 "y": [shift_score(r, key, avg_shifts) for r in rows],
-                "x_n": _optional_n([_metric_n(r, reference) for r in rows]),
+                "x_n": _optional_n([_x_n(r, x_metric) for r in rows]),
                 "y_n": _optional_n([_shift_n(r, key, avg_shifts) for r in rows]),
             }
             fits[key] = fit_linear(pts["x"], pts["y"], transform, x_n=pts["x_n"], y_n=pts["y_n"],
-                                   x_dataset=reference, y_dataset=key)
+                                   x_dataset=reference, y_dataset=key, x_metric=x_metric)
             points[key] = pts
         if not fits:
             raise ValueError(f"baseline {name!r}: no shift has 3 or more baseline models; nothing to fit")
@@ -415,7 +466,8 @@ def baseline_path(name: str | Path) -> Path:
     for candidate in (BASELINES_DIR / f"{name}.json", BASELINES_DIR / str(name)):
         if candidate.exists():
             return candidate
-    known = sorted({p.stem for p in BASELINES_DIR.glob("*") if not p.name.startswith(".")}) if BASELINES_DIR.is_dir() else []
+    known = sorted({p.stem for p in BASELINES_DIR.glob("*") if not p.name.startswith(".")
+                    and (p.suffix == ".json" or p.is_dir())}) if BASELINES_DIR.is_dir() else []
     raise FileNotFoundError(f"no baseline {str(name)!r}: not a file or directory, and not shipped in {BASELINES_DIR} "
                             f"(shipped: {known or 'none'}); pass a baseline .json or a directory of baseline records")
 
@@ -458,16 +510,18 @@ def compute_effective_robustness(record: "ResultRecord", baseline: Baseline) -> 
                          f"{baseline.name!r} uses {baseline.reference!r}")
     if record.reference not in record.metrics:
         raise ValueError(f"record {record.record_id!r} has no score on its reference {record.reference!r}")
-    acc_ref, n_ref = record.reference_score, _metric_n(record, record.reference)
     per_shift: dict[str, float] = {}
     for shift in baseline.shifts:
-        if shift in record.metrics:
-            per_shift[shift] = effective_robustness(baseline.fits[shift], acc_ref, record.score(shift), n_ref=n_ref)
+        fit = baseline.fits[shift]
+        x = fit_x(record, fit)
+        if shift in record.metrics and x is not None:
+            per_shift[shift] = effective_robustness(fit, x, record.score(shift), n_ref=_x_n(record, fit.x_metric))
     avg = None
     if SHIFT_AVG in baseline.fits:
-        y = shift_score(record, SHIFT_AVG, baseline.avg_shifts)
-        if y is not None:
-            avg = effective_robustness(baseline.fits[SHIFT_AVG], acc_ref, y, n_ref=n_ref)
+        fit = baseline.fits[SHIFT_AVG]
+        y, x = shift_score(record, SHIFT_AVG, baseline.avg_shifts), fit_x(record, fit)
+        if y is not None and x is not None:
+            avg = effective_robustness(fit, x, y, n_ref=_x_n(record, fit.x_metric))
     missing = [s for s in record.shifts if s not in per_shift]
     if avg is None:
         missing.append(SHIFT_AVG)
@@ -483,6 +537,7 @@ def compute_effective_robustness(record: "ResultRecord", baseline: Baseline) -> 
 
 def attach_effective_robustness(record: "ResultRecord", baseline: Baseline) -> None:
     """Fill ``record.effective_robustness`` with ρ per shift the baseline covers, ρ of the shift
-    average, and the mean of the per-shift values; shifts without a fit or a score (and
-    ``SHIFT_AVG`` when it cannot be computed) are listed under ``"missing"``."""
+    average, and the mean of the per-shift values; shifts without a fit, a score or the fit's x
+    (a class-subset reference accuracy the record lacks), and ``SHIFT_AVG`` when it cannot be
+    computed, are listed under ``"missing"``."""
     record.effective_robustness = compute_effective_robustness(record, baseline)

@@ -24,7 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from robustbench_ft.results import ResultRecord
-from robustbench_ft.robustness import SHIFT_AVG, Baseline, inverse_transform, shift_score, transform
+from robustbench_ft.robustness import SHIFT_AVG, Baseline, LinearFit, fit_x, inverse_transform, shift_score, transform
 
 DPI = 110
 FIGSIZE = (5.4, 4.6)
@@ -48,14 +48,15 @@ TICK_SETS = (
 )
 MAX_TICKS = 9
 MAX_LABEL = 40
+MAX_AXIS_LABEL = 60  # an axis label spans the whole plot
 
 
-def mpl_text(text: str) -> str:
+def mpl_text(text: str, limit: int = MAX_LABEL) -> str:
     """User text made literal for matplotlib: ``$`` would start mathtext (and a malformed formula
     fails at draw time), so it is escaped; long names are shortened to keep legends readable."""
     text = str(text)
-    if len(text) > MAX_LABEL:
-        text = text[: MAX_LABEL - 1] + "…"
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
     return text.replace("$", r"\$")
 
 
@@ -114,12 +115,15 @@ class _Point:
         return self.record.tags.get("endpoint")
 
 
-def _points(records: Sequence[ResultRecord], key: str, avg_shifts: Sequence[str]) -> list[_Point]:
+def _points(records: Sequence[ResultRecord], key: str, avg_shifts: Sequence[str], fit: LinearFit | None) -> list[_Point]:
+    """Records that have both coordinates; x is the fit's x (a class-subset reference accuracy for
+    some shifts), so points and trend line share one axis."""
     out = []
     for r in records:
         y = shift_score(r, key, avg_shifts)
-        if y is not None and r.reference in r.metrics:
-            out.append(_Point(r.reference_score, y, r))
+        x = fit_x(r, fit) if fit is not None else (r.reference_score if r.reference in r.metrics else None)
+        if y is not None and x is not None:
+            out.append(_Point(x, y, r))
     return out
 
 
@@ -134,7 +138,8 @@ def scatter_figure(
     n_boot: int = N_BOOT,
 ) -> Figure:
     """Scatter plot for shift ``key`` (or ``SHIFT_AVG``, the mean over ``avg_shifts``)."""
-    pts = _points(records, key, avg_shifts)
+    fit = baseline.fits.get(key) if baseline is not None else None
+    pts = _points(records, key, avg_shifts, fit)
     base_pts = [p for p in pts if p.record.kind == "baseline"]
     cand_pts = [p for p in pts if p.record.kind != "baseline"]
     if not base_pts and baseline is not None and key in baseline.points:
@@ -162,7 +167,6 @@ def scatter_figure(
     lo, hi = min(xlim[0], ylim[0]), max(xlim[1], ylim[1])
     handles += ax.plot([lo, hi], [lo, hi], ls="--", lw=1, color=DIAGONAL, label="y = x", zorder=1)
 
-    fit = baseline.fits.get(key) if baseline is not None else None
     if fit is not None:
         z0, z1 = T([0.0, 1.0])  # a padded linear axis reaches past 0 % or 100 %; the fit stops there
         zgrid = np.linspace(max(xlim[0], z0), min(xlim[1], z1), 120)
@@ -182,8 +186,10 @@ def scatter_figure(
     _set_percent_axis(ax, "y", *ylim, kind)
     ref = cand_pts[0].record.reference if cand_pts else (fit.x_dataset if fit else "reference")
     scale = "" if kind == "linear" else f", {kind} scale"
-    ax.set_xlabel(mpl_text(f"{ref} accuracy (%{scale})"))
-    ax.set_ylabel(mpl_text(("shift-average" if key == SHIFT_AVG else key) + f" accuracy (%{scale})"))
+    if fit is not None and fit.x_metric:  # "top1@imagenet-r": the reference on that shift's classes
+        ref = f"{ref} on {fit.x_metric.partition('@')[2] or fit.x_metric} classes"
+    ax.set_xlabel(mpl_text(f"{ref} accuracy (%{scale})", MAX_AXIS_LABEL))
+    ax.set_ylabel(mpl_text(("shift-average" if key == SHIFT_AVG else key) + f" accuracy (%{scale})", MAX_AXIS_LABEL))
     ax.set_title(mpl_text(title or key), fontsize=11, loc="left")
     ax.grid(True, color="#e6e8eb", lw=0.6, zorder=0)
     ax.set_axisbelow(True)

@@ -51,7 +51,7 @@ def _pct(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{100 * value:.{digits}f}"
 
 
-def _pp(value: float | None) -> Cell:
+def er_cell(value: float | None) -> Cell:
     """Effective robustness in percentage points, signed and coloured."""
     if value is None:
         return Cell("—", "num")
@@ -116,8 +116,8 @@ def _er_table(records: Sequence[ResultRecord], er_by_id: dict[str, dict[str, Any
                    Cell("mean over shifts", "num")])
     for r, er in entries:
         per = er.get("per_shift", {})
-        table.rows.append([Cell(r.candidate, "name", r.record_id), *(_pp(per.get(s)) for s in shifts),
-                           _pp(er.get(SHIFT_AVG)), _pp(er.get("mean_per_shift"))])
+        table.rows.append([Cell(r.candidate, "name", r.record_id), *(er_cell(per.get(s)) for s in shifts),
+                           er_cell(er.get(SHIFT_AVG)), er_cell(er.get("mean_per_shift"))])
     return table, ", ".join(names)
 
 
@@ -192,7 +192,9 @@ def _write_figures(records: Sequence[ResultRecord], keys: list[str], fig_dir: Pa
     return figures
 
 
-def _environment() -> jinja2.Environment:
+def template_environment() -> jinja2.Environment:
+    """The templates of the report and the leaderboard: autoescaped, and a missing variable is an
+    error rather than an empty string."""
     return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                               undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
@@ -265,7 +267,7 @@ def render_report(
         "versions": sorted(first.versions.items()),
         "report_versions": sorted(_report_versions().items()),
     }
-    html = _environment().get_template("report.html.j2").render(**context)
+    html = template_environment().get_template("report.html.j2").render(**context)
     page = out_dir / "index.html"
     atomic_write_text(page, html)
     return page
