@@ -145,13 +145,16 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{d.name:16s} {len(d.classnames):5d} classes  metric={d.metric:6s} splits={','.join(d.splits)}"
                   f"  built={','.join(built) or 'no'}  {d.description}")
     elif args.what == "suites":
-        from robustbench_ft.data.registry import list_suites
+        from robustbench_ft.data.registry import list_suites, suite_data_status
 
         for s in list_suites():
-            print(f"{s.name}: reference {s.reference}; shifts {', '.join(s.shifts)}; train {'/'.join(s.train)}; "
-                  f"baseline {s.baseline or 'none'}")
+            print(f"{s.name}: reference {s.reference}; shifts {', '.join(s.shifts) or 'none'}; "
+                  f"train {'/'.join(s.train)}; baseline {s.baseline or 'none'}")
             if s.description:
                 print(f"    {s.description}")
+            status = suite_data_status(s, Path(args.data_root))
+            print(f"    data under {args.data_root}: " + "; ".join(f"{state}: {', '.join(splits)}"
+                                                                   for state, splits in status.items()))
             for m, d in s.method_defaults.items():
                 print(f"    defaults for {m}: {d}")
     else:
@@ -164,13 +167,41 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from robustbench_ft.data.imagefolder import write_imagefolder_shards
+    src, out = args.src or args.src_path, args.out or args.out_path
+    if args.format == "imagefolder":
+        wrong = {"--border-crop": args.border_crop, "--allow-count-mismatch": args.allow_count_mismatch or None}
+        where = "dataset conversions (`shard DATASET --src RAW`)"
+    else:
+        wrong = {"--name": args.name, "--shuffle-seed": args.shuffle_seed}
+        where = "`shard imagefolder` (dataset converters shuffle their training splits themselves)"
+    misplaced = [flag for flag, value in wrong.items() if value is not None]
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)}: only for {where}")
+    if args.format == "imagefolder":
+        from robustbench_ft.data.imagefolder import write_imagefolder_shards
 
-    manifest = write_imagefolder_shards(args.src, args.out, name=args.name, samples_per_shard=args.samples_per_shard,
-                                        resize_shorter=args.resize_shorter, image_format=args.image_format,
-                                        workers=args.workers, on_bad=args.on_bad, shuffle_seed=args.shuffle_seed)
+        if src is None or out is None:
+            raise ValueError("shard imagefolder needs SRC and OUT: robustbench-ft shard imagefolder SRC OUT")
+        manifest = write_imagefolder_shards(src, out, name=args.name, samples_per_shard=args.samples_per_shard,
+                                            resize_shorter=args.resize_shorter, image_format=args.image_format or "jpg",
+                                            workers=args.workers, on_bad=args.on_bad, shuffle_seed=args.shuffle_seed,
+                                            progress=True)
+    else:
+        from robustbench_ft.data.convert import ConvertOptions, convert_dataset
+        from robustbench_ft.data.registry import get_dataset
+
+        spec = get_dataset(args.format)
+        if src is None:
+            raise ValueError(f"shard {spec.name} needs the official download: --src RAW (see datasets/README.md)")
+        out = out or spec.path(Path(args.data_root), args.split)
+        options = ConvertOptions(samples_per_shard=args.samples_per_shard, image_format=args.image_format or "keep",
+                                 resize_shorter=args.resize_shorter, border_crop=args.border_crop,
+                                 workers=args.workers, on_bad=args.on_bad,
+                                 allow_count_mismatch=args.allow_count_mismatch)
+        manifest = convert_dataset(spec, src, out, args.split, options)
+    skipped = manifest.metadata.get("num_skipped", 0)
     print(f"wrote {manifest.num_samples} samples of {len(manifest.classes)} classes in {len(manifest.shards)} "
-          f"shard(s) to {args.out}")
+          f"shard(s) to {out}" + (f"; skipped {skipped} unreadable file(s), listed in its manifest" if skipped else ""))
     return 0
 
 
@@ -207,8 +238,65 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ValueError(f"no result records found in {', '.join(map(str, args.results))}")
     baseline = load_baseline(args.baseline) if args.baseline else None
     extra = baseline_records(args.baseline) if args.baseline else []
-    path = render_report(records + extra, args.out, baseline=baseline, title=args.title)
+    unique = {r.record_id: r for r in records + extra}  # the baseline's records may be among RESULTS too
+    path = render_report(list(unique.values()), args.out, baseline=baseline, title=args.title)
     print(f"report: {path}")
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from robustbench_ft.testbed import coefficients, fit_testbed_baseline, standard_models
+
+    standard = standard_models(args.standard_models) if args.standard_models else None
+    baseline = fit_testbed_baseline(args.testbed, args.transform, standard=standard)
+    if args.out:
+        baseline.save(args.out)
+        print(f"baseline: {args.out}", file=sys.stderr)
+    print(json.dumps(coefficients(baseline), indent=2))
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from robustbench_ft.leaderboard import build_leaderboard, format_for, render, write_leaderboard
+    from robustbench_ft.results import load_records
+
+    if args.add:
+        from robustbench_ft.submissions import add_bundle
+
+        paths = add_bundle(args.add, Path(args.results_dir))
+        print(f"accepted: {len(paths)} record(s) in {paths[0].parent}")
+        return 0
+    records = load_records(args.results or [Path(args.results_dir)])
+    baselines = None
+    if args.baseline:
+        from robustbench_ft.robustness import load_baseline
+
+        fit = load_baseline(args.baseline)
+        baselines = {fit.suite: fit}
+    boards = build_leaderboard(records, suite=args.suite, model=args.model, baselines=baselines)
+    fmt = format_for(args.out, args.format)
+    if args.out:
+        write_leaderboard(boards, args.out, fmt)
+        print(f"leaderboard: {args.out} ({sum(len(b.entries) for b in boards)} entries, {len(boards)} suite(s))")
+    else:
+        sys.stdout.write(render(boards, fmt))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from robustbench_ft.results import load_records
+    from robustbench_ft.submissions import make_bundle, write_bundle
+
+    records = load_records(args.results)
+    own = [r for r in records if r.kind == "reproduced"]
+    if not own:
+        raise ValueError(f"no reproduced records in {', '.join(map(str, args.results))}; submit the records "
+                         f"of your runs (published and baseline records are not submissions)")
+    bundle = make_bundle(own, name=args.name, paper=args.paper, code=args.code, checkpoint=args.checkpoint)
+    write_bundle(bundle, args.out)
+    skipped = len(records) - len(own)
+    print(f"bundle: {args.out} ({len(own)} record(s){f'; skipped {skipped} not reproduced' if skipped else ''}); "
+          f"add it with `robustbench-ft leaderboard --add {args.out}`")
     return 0
 
 
@@ -219,14 +307,27 @@ def build_parser() -> argparse.ArgumentParser:
     lp = sub.add_parser("list", help="list methods, datasets, suites or models")
     lp.add_argument("what", choices=["methods", "datasets", "suites", "models"])
     lp.add_argument("--data-root", default=RunConfig.data_root)
-    sp = sub.add_parser("shard", help="convert a dataset to verified WebDataset shards")
-    sp.add_argument("format", choices=["imagefolder"], help="layout of SRC: imagefolder = SRC/<class>/<image>")
-    sp.add_argument("src", type=Path)
-    sp.add_argument("out", type=Path)
-    sp.add_argument("--name", default=None)
+    sp = sub.add_parser("shard", help="convert a dataset to verified WebDataset shards",
+                        description="`shard imagefolder SRC OUT` converts any SRC/<class>/<image> tree; `shard DATASET "
+                                    "--src RAW [--split S] [--out DIR]` converts a registered dataset's official "
+                                    "download (layouts: datasets/README.md). Rerunning a killed conversion resumes it.")
+    sp.add_argument("format", help="imagefolder, or a dataset name (robustbench-ft list datasets)")
+    sp.add_argument("src_path", nargs="?", type=Path, metavar="SRC", help="source folder (or --src)")
+    sp.add_argument("out_path", nargs="?", type=Path, metavar="OUT", help="output folder (or --out)")
+    sp.add_argument("--src", type=Path, default=None, help="the official download (or ImageFolder tree)")
+    sp.add_argument("--out", type=Path, default=None, help="default for a dataset: DATA_ROOT/<dataset>/<split>")
+    sp.add_argument("--split", default="test", help="dataset split to convert (default: test)")
+    sp.add_argument("--data-root", default=RunConfig.data_root)
+    sp.add_argument("--name", default=None, help="shard name prefix (imagefolder)")
     sp.add_argument("--samples-per-shard", type=int, default=1000)
     sp.add_argument("--resize-shorter", type=int, default=None, help="resize so the shorter side is N px")
-    sp.add_argument("--image-format", choices=["jpg", "png", "webp", "keep"], default="jpg")
+    sp.add_argument("--image-format", choices=["jpg", "png", "webp", "keep"], default=None,
+                    help="default: jpg for imagefolder; keep (the source bytes) for datasets")
+    sp.add_argument("--border-crop", type=int, default=None,
+                    help="pixels to cut from every image edge before resizing "
+                         "(default: the dataset's, ObjectNet 2; 0 = off)")
+    sp.add_argument("--allow-count-mismatch", action="store_true",
+                    help="convert a download whose image count (or class folders) differs from the official release")
     sp.add_argument("--workers", type=int, default=2)
     sp.add_argument("--on-bad", choices=["error", "skip"], default="error",
                     help="unreadable images: stop with an error naming the file, or skip and count them")
@@ -247,6 +348,31 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", type=Path, required=True)
     rp.add_argument("--baseline", default=None, help="baseline fit to draw (e.g. demo-zoo)")
     rp.add_argument("--title", default="robustbench-ft report")
+    bp = sub.add_parser("baseline", help="fit a suite's baseline trend")
+    bsub = bp.add_subparsers(dest="baseline_command", required=True)
+    bfit = bsub.add_parser("fit", help="fit the ImageNet baseline to the imagenet-testbed's robustness_top1s.csv")
+    bfit.add_argument("--testbed", type=Path, required=True, help="path to robustness_top1s.csv")
+    bfit.add_argument("--out", type=Path, default=None, help="store the baseline (coefficients and points) here")
+    bfit.add_argument("--transform", choices=["logit", "probit", "linear"], default="logit")
+    bfit.add_argument("--standard-models", type=Path, default=None,
+                      help="file naming the standard-training models, one per line (default: the shipped list)")
+    lb = sub.add_parser("leaderboard", help="rank all records by shift-average accuracy, or add a submission")
+    lb.add_argument("results", nargs="*", type=Path, help="record files or directories (default: --results-dir)")
+    lb.add_argument("--results-dir", default=RunConfig.results_dir)
+    lb.add_argument("--suite", default=None, help="only this suite")
+    lb.add_argument("--model", default=None, help="only this open_clip model name")
+    lb.add_argument("--baseline", default=None, help="baseline for effective robustness (default: the suite's)")
+    lb.add_argument("--format", choices=["html", "md", "csv"], default=None, help="default: from --out, else md")
+    lb.add_argument("--out", type=Path, default=None, help="write here instead of printing")
+    lb.add_argument("--add", type=Path, default=None, metavar="BUNDLE",
+                    help="validate a submission bundle and store its records under RESULTS_DIR/submissions/")
+    sb = sub.add_parser("submit", help="bundle your records with method metadata for the leaderboard")
+    sb.add_argument("results", nargs="+", type=Path, help="record files or directories of your runs")
+    sb.add_argument("--name", required=True, help="method name (letters, digits, spaces, . _ + ( ) -)")
+    sb.add_argument("--paper", required=True, help="URL of the paper")
+    sb.add_argument("--code", required=True, help="URL of the code")
+    sb.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file; its sha256 goes in the bundle")
+    sb.add_argument("--out", type=Path, required=True, help="bundle file to write")
     return p
 
 
@@ -261,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(argv[1:])
         args = build_parser().parse_args(argv)
         handler = {"list": cmd_list, "shard": cmd_shard, "verify": cmd_verify, "zoo": cmd_zoo,
-                   "report": cmd_report}[args.command]
+                   "report": cmd_report, "baseline": cmd_baseline, "leaderboard": cmd_leaderboard,
+                   "submit": cmd_submit}[args.command]
         return handler(args)
     except (KeyError, ValueError, FileNotFoundError, PermissionError, CheckpointError, ShardError, RecordError,
             FloatingPointError, ModuleNotFoundError) as exc:

@@ -16,11 +16,12 @@ import torch
 
 from robustbench_ft.config import RunConfig, stable_hash
 from robustbench_ft.data.registry import ensure_dataset, get_dataset, get_suite
+from robustbench_ft.data.shards import Manifest
 from robustbench_ft.evaluate import LogitsCache, evaluate_cached
 from robustbench_ft.methods.base import Candidate, MethodContext
 from robustbench_ft.methods.registry import get_method
 from robustbench_ft import metrics as metrics_mod
-from robustbench_ft.models.clip import load_clip
+from robustbench_ft.models.clip import load_clip, resolve_device, resolve_weights
 from robustbench_ft.results import (
     RecordError, ResultRecord, load_record, now_iso, slugify, software_versions, write_record,
 )
@@ -42,6 +43,8 @@ def run(config: RunConfig, *, progress: bool = True, log: Callable[[str], None] 
     suite = get_suite(config.suite)
     method = get_method(config.method)
     options = method.make_options({**suite.method_defaults.get(config.method, {}), **config.method_options})
+    resolve_weights(config.model, config.pretrained)  # reject a bad model or tag before writing anything
+    resolve_device(config.device)
     for flag in ("data_root", "cache_dir", "results_dir") + (("reports_dir",) if config.report else ()):
         check_writable(Path(getattr(config, flag)), flag)
     specs = {name: get_dataset(name) for name in suite.eval_datasets}
@@ -78,7 +81,8 @@ def run(config: RunConfig, *, progress: bool = True, log: Callable[[str], None] 
 
     if pending:
         t = time.perf_counter()
-        scores, eval_seconds = _evaluate_all(pending, specs, dirs, clip.preprocess_eval, config, progress)
+        scores, eval_seconds = _evaluate_all(pending, specs, dirs, clip.preprocess_eval, config, progress,
+                                             suite.reference)
         timings["evaluate"] = time.perf_counter() - t
         baseline = _suite_baseline(suite.baseline)
         for c in pending:
@@ -126,8 +130,15 @@ def _jsonable(tags: dict) -> dict:
     return {k: (float(v) if isinstance(v, float) else v) for k, v in tags.items()}
 
 
-def _evaluate_all(candidates: list[Candidate], specs, dirs, transform, config: RunConfig, progress: bool):
-    """One pass per dataset over all candidates; metrics per candidate and dataset."""
+def _evaluate_all(candidates: list[Candidate], specs, dirs, transform, config: RunConfig, progress: bool,
+                  reference: str):
+    """One pass per dataset over all candidates; metrics per candidate and dataset.
+
+    Classifiers output logits over the reference's classes; each dataset's spec maps them onto its
+    own (``DatasetSpec.project_logits``), and the reference's metrics also hold its accuracy on the
+    classes of each class-subset shift (``top1@<shift>``), the x value of that shift's effective
+    robustness. A shard set built with files skipped says how many (``num_skipped``).
+    """
     cache = LogitsCache(Path(config.cache_dir) / "logits")
     classifiers = {c.name: c.classifier for c in candidates}
     scores: dict[str, dict[str, dict]] = {c.name: {} for c in candidates}
@@ -136,10 +147,19 @@ def _evaluate_all(candidates: list[Candidate], specs, dirs, transform, config: R
         preds = evaluate_cached(classifiers, dirs[name], transform, cache, batch_size=config.eval_batch_size,
                                 workers=config.workers, device=next(iter(classifiers.values())).head.weight.device,
                                 precision=config.precision, progress=progress, desc=f"eval {name}",
-                                keep_meta=spec.metric in metrics_mod.NEEDS_META)
+                                keep_meta=bool(metrics_mod.NEEDS_META & {spec.metric, *spec.extra_metrics}),
+                                num_outputs=len(specs[reference].classnames))
         seconds[name] = preds.seconds
+        skipped = Manifest.load(dirs[name]).metadata.get("num_skipped")
         for cname in classifiers:
-            scores[cname][name] = metrics_mod.compute(spec.metric, preds.logits[cname], preds.labels, preds.metas)
+            logits = spec.project_logits(preds.logits[cname])
+            scores[cname][name] = metrics_mod.compute(spec.metric, logits, preds.labels, preds.metas,
+                                                      spec.extra_metrics)
+            if skipped is not None:
+                scores[cname][name]["num_skipped"] = int(skipped)
+            if name == reference:
+                scores[cname][name].update(metrics_mod.reference_subset_scores(preds.logits[cname], preds.labels,
+                                                                               specs.values()))
     return scores, seconds
 
 

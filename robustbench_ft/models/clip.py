@@ -164,6 +164,38 @@ def unknown_model_error(model: str) -> KeyError:
     return KeyError(f"unknown model {model!r}.{hint} `robustbench-ft list models` shows all {len(valid)} names.")
 
 
+def resolve_weights(model: str, pretrained: str | None) -> Path | str | None:
+    """Validate a (model, pretrained) pair without loading anything.
+
+    Returns the checkpoint path for a bundled tag or a local file, the tag for an open_clip
+    pretrained tag, or None for random initialisation; raises a clear error for anything else.
+    """
+    register_model_configs()
+    if model not in open_clip.list_models():
+        raise unknown_model_error(model)
+    pretrained = pretrained or RANDOM_INIT
+    bundled = BUNDLED_WEIGHTS.get((model, pretrained))
+    if bundled is not None:
+        if not bundled.is_file():
+            raise FileNotFoundError(f"bundled weights {bundled} are missing from the installed package; reinstall "
+                                    "robustbench-ft or rebuild them with `robustbench-ft zoo pretrain-demo`")
+        return bundled
+    local = Path(pretrained)
+    if local.suffix in CHECKPOINT_SUFFIXES or local.is_file():
+        if not local.is_file():
+            raise FileNotFoundError(f"checkpoint {local} does not exist")
+        return local
+    if pretrained == RANDOM_INIT:
+        return None
+    tags = pretrained_tags(model)
+    if pretrained not in tags:
+        close = difflib.get_close_matches(pretrained, tags, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"{pretrained!r} is neither a local checkpoint file nor a pretrained tag of {model}.{hint} "
+                       f"Tags for {model}: {', '.join(tags) or 'none'} (or 'random').")
+    return pretrained
+
+
 def load_clip(model: str, pretrained: str | None = RANDOM_INIT, device: str | torch.device = "cpu",
               precision: str = "fp32", *, trust_pickle: bool = False) -> LoadedCLIP:
     """Build an open_clip model and load its weights.
@@ -172,33 +204,19 @@ def load_clip(model: str, pretrained: str | None = RANDOM_INIT, device: str | to
     on first use), a tag bundled with this package (``rbft-demo``), a local checkpoint file, or
     ``random`` for random initialisation.
     """
-    register_model_configs()
-    if model not in open_clip.list_models():
-        raise unknown_model_error(model)
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     dev = resolve_device(device)
-    pretrained = pretrained or RANDOM_INIT
-    local = Path(pretrained)
-    bundled = BUNDLED_WEIGHTS.get((model, pretrained))
-    if bundled is not None or local.suffix in CHECKPOINT_SUFFIXES or local.is_file():
-        path = bundled if bundled is not None else local
-        if bundled is not None and not bundled.is_file():
-            raise FileNotFoundError(f"bundled weights {bundled} are missing from the installed package; reinstall "
-                                    "robustbench-ft or rebuild them with `robustbench-ft zoo pretrain-demo`")
+    weights = resolve_weights(model, pretrained)
+    if isinstance(weights, Path):
         net, preprocess_train, preprocess_eval = create_architecture(model)
-        state = read_state_dict(path, trust_pickle=trust_pickle)
-        check_state_dict(net.state_dict(), state, str(path))
+        state = read_state_dict(weights, trust_pickle=trust_pickle)
+        check_state_dict(net.state_dict(), state, str(weights))
         net.load_state_dict(state)
-    elif pretrained == RANDOM_INIT:
+    elif weights is None:
         net, preprocess_train, preprocess_eval = create_architecture(model)
     else:
-        tags = pretrained_tags(model)
-        if pretrained not in tags:
-            close = difflib.get_close_matches(pretrained, tags, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise KeyError(f"{pretrained!r} is neither a local checkpoint file nor a pretrained tag of {model}.{hint} "
-                           f"Tags for {model}: {', '.join(tags) or 'none'} (or 'random').")
-        net, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(model, pretrained=pretrained)
+        net, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(model, pretrained=weights)
     net = net.to(dev).eval()
-    return LoadedCLIP(model, pretrained, net, preprocess_train, preprocess_eval, open_clip.get_tokenizer(model), dev)
+    return LoadedCLIP(model, pretrained or RANDOM_INIT, net, preprocess_train, preprocess_eval,
+                      open_clip.get_tokenizer(model), dev)
