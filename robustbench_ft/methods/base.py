@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
@@ -67,18 +67,34 @@ class MethodContext:
 
     def split_dir(self, which: str) -> Path:
         """Shard directory of the suite's "train" or "val" split, built first if the harness can build it."""
+        if which == "val" and self.suite.val is None:
+            raise ValueError(f"suite {self.suite.name!r} declares no held-out (val) split")
         dataset, split = self.suite.train if which == "train" else self.suite.val
         return ensure_dataset(get_dataset(dataset), Path(self.config.data_root), split, log=self.log)
 
-    def run_method(self, name: str, options: dict[str, Any]) -> list[Candidate]:
-        """Run another registered method (e.g. WiSE-FT's fine-tuned endpoint) under this run's settings."""
+    def run_method(self, name: str, options: dict[str, Any], *, seed: int | None = None) -> list[Candidate]:
+        """Run another registered method (e.g. WiSE-FT's fine-tuned endpoint) under this run's settings.
+
+        ``seed`` replaces the run's seed for that method (model soups train one ingredient per seed);
+        it is part of the sub-run's config, so each seed has its own cached checkpoint.
+        """
         from robustbench_ft.methods.registry import get_method
 
         spec = get_method(name)
-        sub = MethodContext(self.config.with_method(name, options), self.clip, self.suite,
-                            spec.make_options(options), self.progress, self.log)
+        config = self.config.with_method(spec.name, options)
+        if seed is not None:
+            config = replace(config, seed=seed)
+        sub = MethodContext(config, self.clip, self.suite, spec.make_options(options), self.progress, self.log)
         sub.__dict__["zeroshot"] = self.zeroshot  # share the zero-shot classifier (one text pass)
         return spec.cls().run(sub)
+
+    def finetuned_endpoint(self, name: str, options: dict[str, Any], *, seed: int | None = None) -> Classifier:
+        """Run another method (see :meth:`run_method`) and return its one candidate tagged ``endpoint=finetuned``."""
+        endpoints = [c for c in self.run_method(name, options, seed=seed) if c.tags.get("endpoint") == "finetuned"]
+        if len(endpoints) != 1:
+            raise ValueError(f"method {name!r} gave {len(endpoints)} candidates tagged endpoint=finetuned; a base "
+                             "method must give exactly one")
+        return endpoints[0].classifier
 
     def cached_classifier(self, train: Callable[[], Classifier]) -> Classifier:
         """Load this config's trained classifier from the checkpoint cache, or train and store it.

@@ -3,12 +3,17 @@
 Defaults are the WiSE-FT paper's ImageNet recipe (Wortsman et al. 2022, App. C): AdamW, lr 3e-5,
 weight decay 0.1, batch 512, 10 epochs, 500 warmup steps then cosine decay, gradient clipping 1.0.
 Suites may override lengths and learning rate for their scale (see ``Suite.method_defaults``).
+The schedule options and the training-data stream are shared with the other fine-tuning methods
+(LP-FT, L2-SP, FLYP), so that they differ from this baseline only in what their papers change.
 """
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
 
 from robustbench_ft.data.loader import make_loader
 from robustbench_ft.data.shards import Manifest
@@ -17,42 +22,79 @@ from robustbench_ft.methods.registry import register_method
 from robustbench_ft.methods.training import OptimConfig, cross_entropy, train
 from robustbench_ft.models.classifier import Classifier
 
+Penalty = Callable[[torch.nn.Module], torch.Tensor]
+"""A regulariser added to the loss, computed from the model being trained (e.g. L2-SP)."""
+
 
 @dataclass(frozen=True)
-class FinetuneOptions:
+class ScheduleOptions:
+    """Length and optimiser of a fine-tuning run: AdamW, linear warmup, cosine decay (WiSE-FT recipe)."""
+
     epochs: float = 10.0
     batch_size: int = 512
     lr: float = 3e-5
     weight_decay: float = 0.1
     warmup_steps: int = 500
     grad_clip: float = 1.0
-    label_smoothing: float = 0.0
     max_steps: int | None = None   # cap on optimisation steps (quick trials); None = from epochs
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("finetune: epochs, batch_size and lr must be positive")
+            raise ValueError("fine-tuning: epochs, batch_size and lr must be positive")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("finetune: warmup_steps, weight_decay and grad_clip must be >= 0")
+            raise ValueError("fine-tuning: warmup_steps, weight_decay and grad_clip must be >= 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("fine-tuning: max_steps must be >= 1 (or none)")
+
+    def optim_config(self, num_samples: int) -> OptimConfig:
+        """The optimiser schedule for a training set of ``num_samples`` images (full batches only)."""
+        steps = self.max_steps or math.ceil(self.epochs * num_samples / self.batch_size)
+        return OptimConfig(self.lr, self.weight_decay, min(self.warmup_steps, steps), self.grad_clip, steps)
 
 
-def finetune_classifier(ctx: MethodContext, start: Classifier, opts: FinetuneOptions, desc: str) -> Classifier:
-    """Cross-entropy fine-tuning of every parameter of a copy of ``start`` on the suite's training split."""
+@dataclass(frozen=True)
+class FinetuneOptions(ScheduleOptions):
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"finetune: label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+
+
+def training_batches(ctx: MethodContext, batch_size: int) -> Callable[[int], Iterable]:
+    """``epoch -> batches`` of the suite's training split: train transform, reshuffled per epoch and seed."""
     train_dir = ctx.split_dir("train")
-    n = Manifest.load(train_dir).num_samples
-    steps = opts.max_steps or math.ceil(opts.epochs * n / opts.batch_size)
+
+    def batches(epoch: int):
+        return make_loader(train_dir, ctx.clip.preprocess_train, batch_size, num_workers=ctx.config.workers,
+                           shuffle=True, seed=ctx.config.seed * 1000 + epoch, drop_last=True)
+
+    return batches
+
+
+def train_samples(ctx: MethodContext) -> int:
+    return Manifest.load(ctx.split_dir("train")).num_samples
+
+
+def finetune_classifier(ctx: MethodContext, start: Classifier, opts: FinetuneOptions, desc: str,
+                        penalty: Penalty | None = None) -> Classifier:
+    """Cross-entropy fine-tuning of every parameter of a copy of ``start`` on the suite's training split.
+
+    ``penalty(model)``, when given, is added to the loss of every step (L2-SP's pull towards the
+    pretrained weights); without it this is plain fine-tuning.
+    """
     model = copy.deepcopy(start).to(ctx.clip.device)
     for p in model.parameters():
         p.requires_grad_(True)
+    ce = cross_entropy(opts.label_smoothing)
 
-    def batches(epoch: int):
-        return make_loader(train_dir, ctx.clip.preprocess_train, opts.batch_size, num_workers=ctx.config.workers,
-                           shuffle=True, seed=ctx.config.seed * 1000 + epoch, drop_last=True)
+    def loss_fn(m: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = ce(m, images, labels)
+        return loss if penalty is None else loss + penalty(m)
 
-    summary = train(model, batches, OptimConfig(opts.lr, opts.weight_decay, min(opts.warmup_steps, steps),
-                                                opts.grad_clip, steps),
-                    cross_entropy(opts.label_smoothing), device=ctx.clip.device, precision=ctx.config.precision,
-                    progress=ctx.progress, desc=desc)
+    summary = train(model, training_batches(ctx, opts.batch_size), opts.optim_config(train_samples(ctx)), loss_fn,
+                    device=ctx.clip.device, precision=ctx.config.precision, progress=ctx.progress, desc=desc)
     model.info.provenance.update({"training": summary})
     return model
 
@@ -65,8 +107,6 @@ class Finetune:
     options = FinetuneOptions
 
     def run(self, ctx: MethodContext) -> list[Candidate]:
-        import torch
-
         torch.manual_seed(ctx.config.seed)
         model = ctx.cached_classifier(lambda: finetune_classifier(ctx, ctx.zeroshot, ctx.options, "fine-tuning"))
         return [Candidate("finetune", model, {"endpoint": "finetuned", "alpha": 1.0, "base": "finetune"})]

@@ -15,6 +15,8 @@ from typing import Any, Callable, Protocol
 from robustbench_ft.data.registry import unknown_name_error
 
 ENTRY_POINT_GROUP = "robustbench_ft.methods"
+# Short names the papers use (``wise-ft --base ft|lp``), accepted wherever a method is named.
+METHOD_ALIASES = {"ft": "finetune", "lp": "linear-probe"}
 
 
 class Method(Protocol):
@@ -98,7 +100,9 @@ def _load_plugins() -> None:
 
 
 def get_method(name: str) -> MethodSpec:
+    """The registered method called ``name`` (or one of the :data:`METHOD_ALIASES`)."""
     _load_plugins()
+    name = METHOD_ALIASES.get(name, name)
     if name not in _METHODS:
         raise unknown_name_error("method", name, list(_METHODS))
     return _METHODS[name]

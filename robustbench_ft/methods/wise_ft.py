@@ -2,6 +2,8 @@
 
 θ_α = (1−α)·θ_zs + α·θ_ft over every tensor of the classifier (image encoder and head). α = 0 is
 the zero-shot model, α = 1 the fine-tuned one; the paper recommends α = 0.5 when nothing else is known.
+The fine-tuned endpoint comes from any registered method (``--base ft|lp|lp-ft|flyp|l2-sp|soup``, or a
+plugin) or from a saved classifier (``--finetuned PATH``).
 """
 from __future__ import annotations
 
@@ -10,19 +12,47 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from robustbench_ft.methods.base import Candidate, MethodContext, parse_alphas
-from robustbench_ft.methods.registry import register_method
+from robustbench_ft.methods.registry import METHOD_ALIASES, register_method
 from robustbench_ft.models.classifier import Classifier, interpolate
 
 
 @dataclass(frozen=True)
 class WiseFTOptions:
     alpha: Annotated[tuple[float, ...], parse_alphas] = (0.5,)
-    base: str = "finetune"            # registered method producing the fine-tuned endpoint
+    base: str = "finetune"            # registered method producing the fine-tuned endpoint (ft, lp: short names)
     finetuned: str | None = None      # a saved classifier to use as the endpoint instead of training one
     base_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", parse_alphas(self.alpha))
+        object.__setattr__(self, "base", METHOD_ALIASES.get(self.base, self.base))
+
+
+def finetuned_endpoint(ctx: MethodContext, opts: WiseFTOptions) -> tuple[Classifier, str]:
+    """The fine-tuned endpoint and its name: loaded from ``opts.finetuned``, or produced by ``opts.base``.
+
+    The base method runs with the suite's defaults for it, overridden by ``opts.base_options``; it must
+    yield exactly one candidate tagged ``endpoint=finetuned``.
+    """
+    if opts.finetuned:
+        finetuned = Classifier.load(Path(opts.finetuned), device=ctx.clip.device)
+        if finetuned.info.classnames != ctx.zeroshot.info.classnames:
+            raise ValueError(f"--finetuned {opts.finetuned}: its classes differ from the suite's reference classes "
+                             f"({finetuned.info.classnames[:3]}... vs {ctx.zeroshot.info.classnames[:3]}...)")
+        return finetuned, f"file:{Path(opts.finetuned).name}"
+    base_options = {**ctx.suite.method_defaults.get(opts.base, {}), **opts.base_options}
+    return ctx.finetuned_endpoint(opts.base, base_options), opts.base
+
+
+def endpoint_candidates(ctx: MethodContext, opts: WiseFTOptions, curve: str) -> tuple[Classifier, str, list[Candidate]]:
+    """(fine-tuned classifier, base name, [zero-shot candidate, fine-tuned candidate]) of an α curve."""
+    finetuned, base_name = finetuned_endpoint(ctx, opts)
+    curve = f"{curve}/{base_name}"
+    return finetuned, base_name, [
+        Candidate("zeroshot", ctx.zeroshot, {"endpoint": "zeroshot", "alpha": 0.0, "curve": curve}),
+        Candidate(base_name if not opts.finetuned else "finetuned", finetuned,
+                  {"endpoint": "finetuned", "alpha": 1.0, "curve": curve, "base": base_name}),
+    ]
 
 
 @register_method("wise-ft", paper="Wortsman et al., Robust fine-tuning of zero-shot models, CVPR 2022")
@@ -33,25 +63,9 @@ class WiseFT:
 
     def run(self, ctx: MethodContext) -> list[Candidate]:
         opts: WiseFTOptions = ctx.options
-        zeroshot = ctx.zeroshot
-        if opts.finetuned:
-            finetuned = Classifier.load(Path(opts.finetuned), device=ctx.clip.device)
-            if finetuned.info.classnames != zeroshot.info.classnames:
-                raise ValueError(f"--finetuned {opts.finetuned}: its classes differ from the suite's reference "
-                                 f"classes ({finetuned.info.classnames[:3]}... vs {zeroshot.info.classnames[:3]}...)")
-            base_name = f"file:{Path(opts.finetuned).name}"
-        else:
-            base_options = {**ctx.suite.method_defaults.get(opts.base, {}), **opts.base_options}
-            endpoints = [c for c in ctx.run_method(opts.base, base_options) if c.tags.get("endpoint") == "finetuned"]
-            if len(endpoints) != 1:
-                raise ValueError(f"--base {opts.base}: expected one fine-tuned endpoint, the method gave {len(endpoints)}")
-            finetuned, base_name = endpoints[0].classifier, opts.base
-        curve = f"wise-ft/{base_name}"
-        out = [Candidate("zeroshot", zeroshot, {"endpoint": "zeroshot", "alpha": 0.0, "curve": curve}),
-               Candidate(f"{base_name}" if not opts.finetuned else "finetuned", finetuned,
-                         {"endpoint": "finetuned", "alpha": 1.0, "curve": curve, "base": base_name})]
+        finetuned, base_name, out = endpoint_candidates(ctx, opts, "wise-ft")
         for alpha in opts.alpha:
             if 0.0 < alpha < 1.0:
-                out.append(Candidate(f"wise-ft α={alpha:.2f}", interpolate(zeroshot, finetuned, alpha),
-                                     {"alpha": alpha, "curve": curve, "base": base_name}))
+                out.append(Candidate(f"wise-ft α={alpha:.2f}", interpolate(ctx.zeroshot, finetuned, alpha),
+                                     {"alpha": alpha, "curve": f"wise-ft/{base_name}", "base": base_name}))
         return out

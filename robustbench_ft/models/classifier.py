@@ -6,6 +6,7 @@ interpolating heads of a shared, frozen encoder equals interpolating their logit
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -46,8 +47,6 @@ class Classifier(torch.nn.Module):
     def zeroshot(cls, clip: LoadedCLIP, classnames: Sequence[str], templates: Sequence[str],
                  provenance: dict[str, Any] | None = None) -> "Classifier":
         """The zero-shot classifier of a CLIP model; the image encoder is a copy (the CLIP model stays intact)."""
-        import copy
-
         weights = zeroshot_weights(clip.model, clip.tokenizer, list(classnames), list(templates))
         scale = clip.model.logit_scale.exp().item()
         info = ClassifierInfo(clip.name, list(classnames), list(templates),
@@ -97,26 +96,71 @@ class Classifier(torch.nn.Module):
 
     def content_hash(self) -> str:
         """sha256 over every tensor (names, shapes, bytes): keys the logits cache."""
-        h = hashlib.sha256()
-        for name, tensor in sorted(self.state_dict().items()):
-            t = tensor.detach().cpu().contiguous()
-            h.update(name.encode())
-            h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()
+        return state_hash(self)
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    """sha256 over every tensor of a module's state dict (names, shapes, dtypes, bytes).
+
+    Keys caches by content rather than by where weights came from: the same encoder loaded from a
+    file or built in memory hashes the same, and a changed tensor never reuses a stale cache entry.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def same_encoder(a: Classifier, b: Classifier) -> bool:
+    """Whether two classifiers have the same image encoder: the same module, or equal tensors."""
+    if a.visual is b.visual:
+        return True
+    sa, sb = a.visual.state_dict(), b.visual.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def average(classifiers: Sequence[Classifier], weights: Sequence[float]) -> Classifier:
+    """Σ_i w_i·θ_i over every floating tensor of classifiers of one architecture and label space.
+
+    The weight-space ensembles of WiSE-FT (two classifiers) and model soups (many). Non-floating
+    tensors (e.g. batch-norm step counters) are taken from the last classifier. When every
+    classifier has the same image encoder (linear heads on one frozen encoder), the result keeps
+    that encoder *module* and only the heads are mixed: evaluation then computes the features once
+    for all of them (see :func:`robustbench_ft.evaluate.evaluate`), and the encoder is not copied
+    (so train a deep copy of such a result, as :func:`~robustbench_ft.methods.finetune.finetune_classifier` does).
+    """
+    if not classifiers or len(classifiers) != len(weights):
+        raise ValueError(f"average() needs one weight per classifier; got {len(classifiers)} classifier(s) "
+                         f"and {len(weights)} weight(s)")
+    first = classifiers[0]
+    states = [c.state_dict() for c in classifiers]
+    for i, state in enumerate(states[1:], start=1):
+        check_state_dict(states[0], state, f"classifier {i} of the average")
+
+    def mix(key: str) -> torch.Tensor:
+        if not states[0][key].is_floating_point():
+            return states[-1][key]
+        return sum(w * s[key] for w, s in zip(weights, states))  # type: ignore[return-value]
+
+    if all(same_encoder(first, c) for c in classifiers[1:]):
+        out = Classifier(first.visual, mix("head.weight"), copy.deepcopy(first.info)).to(first.head.weight.device)
+        with torch.no_grad():
+            out.head.bias.copy_(mix("head.bias"))
+        return out
+    out = copy.deepcopy(first)
+    out.load_state_dict({k: mix(k) for k in states[0]})
+    return out
 
 
 def interpolate(zeroshot: Classifier, finetuned: Classifier, alpha: float) -> Classifier:
-    """WiSE-FT: θ_α = (1−α)·θ_zs + α·θ_ft over every floating tensor of the classifier."""
-    import copy
-
+    """WiSE-FT: θ_α = (1−α)·θ_zs + α·θ_ft over every floating tensor of the classifier (see :func:`average`)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    zs, ft = zeroshot.state_dict(), finetuned.state_dict()
-    check_state_dict(zs, ft, "the fine-tuned classifier")
-    mixed = {k: ((1 - alpha) * zs[k] + alpha * ft[k]) if zs[k].is_floating_point() else ft[k] for k in zs}
-    out = copy.deepcopy(zeroshot)
-    out.load_state_dict(mixed)
+    out = average([zeroshot, finetuned], [1.0 - alpha, alpha])
     out.info = ClassifierInfo(zeroshot.info.model, zeroshot.info.classnames, zeroshot.info.templates,
                               {**finetuned.info.provenance, "wise_ft_alpha": alpha})
     return out
