@@ -34,7 +34,7 @@ def _add_method_flags(p: argparse.ArgumentParser, method: str, seen: set[str]) -
     from robustbench_ft.methods.registry import get_method
 
     spec = get_method(method)
-    group = p.add_argument_group(f"options of method {method!r}")
+    group = p.add_argument_group(f"options of method {spec.name!r}")
     added = []
     for f in dataclasses.fields(spec.options):
         if f.name in seen or typing.get_origin(typing.get_type_hints(spec.options)[f.name]) is dict:
