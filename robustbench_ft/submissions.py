@@ -210,16 +210,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_keys(obj: dict, allowed: set[str], optional: set[str], where: str, problems: "_Problems") -> None:
+    """Report required keys that are missing and keys that are not allowed (names cut to 40 characters)."""
+    missing = sorted(allowed - optional - obj.keys())
+    unknown = sorted(obj.keys() - allowed)
+    if missing:
+        problems.add(where, f"missing field(s) {missing}")
+    if unknown:
+        problems.add(where, f"unknown field(s) {[str(u)[:40] for u in unknown]}")
+
+
 def _check_method(method: Any, problems: _Problems) -> MethodInfo | None:
     if not isinstance(method, dict):
         problems.add("method", "must be an object with name, paper, code and checkpoint")
         return None
-    missing = sorted(METHOD_KEYS - {"checkpoint"} - method.keys())
-    unknown = sorted(method.keys() - METHOD_KEYS)
-    if missing:
-        problems.add("method", f"missing field(s) {missing}")
-    if unknown:
-        problems.add("method", f"unknown field(s) {[str(u)[:40] for u in unknown]}")
+    _check_keys(method, METHOD_KEYS, {"checkpoint"}, "method", problems)
     name, paper, code = method.get("name"), method.get("paper"), method.get("code")
     if "name" in method and _check_text(name, "method.name", problems, 80) and not NAME_RE.fullmatch(name):
         problems.add("method.name", "must start with a letter or digit and use only letters, digits, spaces "
@@ -312,12 +317,7 @@ def validate_bundle(data: Any, source: str = "<bundle>") -> Bundle:
     if version != BUNDLE_SCHEMA_VERSION or isinstance(version, bool):
         raise SubmissionError(f"{source}: bundle schema_version {str(version)[:20]!r} is not supported "
                               f"(expected {BUNDLE_SCHEMA_VERSION})")
-    missing = sorted(TOP_KEYS - {"created"} - data.keys())
-    unknown = sorted(data.keys() - TOP_KEYS)
-    if missing:
-        problems.add("bundle", f"missing field(s) {missing}")
-    if unknown:
-        problems.add("bundle", f"unknown field(s) {[str(u)[:40] for u in unknown]}")
+    _check_keys(data, TOP_KEYS, {"created"}, "bundle", problems)
     _walk(data, "bundle", problems)
     problems.raise_if_any(source)  # the checks below assume plain, bounded values
     if "created" in data:

@@ -47,8 +47,10 @@ IMAGENET_CLASSNAMES: tuple[str, ...] = tuple(open_clip.IMAGENET_CLASSNAMES)
 # open_clip keeps the 80 templates of Radford et al. as functions; our templates are "{}" format strings.
 IMAGENET_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
 _INDEX = {wnid: i for i, wnid in enumerate(IMAGENET_WNIDS)}
-IMAGENET_R_SUBSET: tuple[int, ...] = tuple(_INDEX[w] for w in load_list("imagenet_r_wnids.txt"))
-IMAGENET_A_SUBSET: tuple[int, ...] = tuple(_INDEX[w] for w in load_list("imagenet_a_wnids.txt"))
+_IMAGENET_R_WNIDS = load_list("imagenet_r_wnids.txt")
+_IMAGENET_A_WNIDS = load_list("imagenet_a_wnids.txt")
+IMAGENET_R_SUBSET: tuple[int, ...] = tuple(_INDEX[w] for w in _IMAGENET_R_WNIDS)
+IMAGENET_A_SUBSET: tuple[int, ...] = tuple(_INDEX[w] for w in _IMAGENET_A_WNIDS)
 _OBJECTNET = load_table("objectnet_to_imagenet.tsv")
 OBJECTNET_FOLDERS: tuple[str, ...] = tuple(row[0] for row in _OBJECTNET)
 OBJECTNET_POOLING: tuple[tuple[int, ...], ...] = tuple(
@@ -205,16 +207,16 @@ IMAGENET_R = register_dataset(DatasetSpec(
     class_subset=IMAGENET_R_SUBSET,
     description="Renditions (art, cartoons, sculptures, ...) of 200 ImageNet classes; logits restricted to them.",
     source=_SOURCE_R,
-    converter=partial(_convert_folders, dataset="imagenet-r", folders=load_list("imagenet_r_wnids.txt"),
-                      classes=load_list("imagenet_r_wnids.txt"), expected=30_000, layout="imagenet-r/<wnid>/<image>"),
+    converter=partial(_convert_folders, dataset="imagenet-r", folders=_IMAGENET_R_WNIDS,
+                      classes=_IMAGENET_R_WNIDS, expected=30_000, layout="imagenet-r/<wnid>/<image>"),
 ))
 IMAGENET_A = register_dataset(DatasetSpec(
     name="imagenet-a", classnames=tuple(IMAGENET_CLASSNAMES[i] for i in IMAGENET_A_SUBSET), **_IMAGENET,
     class_subset=IMAGENET_A_SUBSET,
     description="Natural adversarial examples of 200 ImageNet classes; logits restricted to them.",
     source=_SOURCE_A,
-    converter=partial(_convert_folders, dataset="imagenet-a", folders=load_list("imagenet_a_wnids.txt"),
-                      classes=load_list("imagenet_a_wnids.txt"), expected=7_500, layout="imagenet-a/<wnid>/<image>"),
+    converter=partial(_convert_folders, dataset="imagenet-a", folders=_IMAGENET_A_WNIDS,
+                      classes=_IMAGENET_A_WNIDS, expected=7_500, layout="imagenet-a/<wnid>/<image>"),
 ))
 OBJECTNET = register_dataset(DatasetSpec(
     name="objectnet", classnames=tuple(row[1].lower() for row in _OBJECTNET), **_IMAGENET,
