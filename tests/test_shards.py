@@ -16,7 +16,9 @@ from robustbench_ft.data.loader import ShardDataset, make_loader
 from robustbench_ft.data.shards import (
     Manifest,
     ShardError,
+    ShardFile,
     ShardWriter,
+    iter_tar_members,
     verify_shards,
     write_shards,
 )
@@ -121,19 +123,24 @@ def test_truncated_shard_is_caught_at_construction_and_while_streaming(tmp_path)
     with tarfile.open(shard) as tar:
         members = tar.getmembers()
     # end of sample 0's last member, rounded up to a tar block: a cut at a header boundary, which
-    # tarfile itself reads as a valid shorter archive
-    last = [m for m in members if m.name.startswith("s000.")][-1]
+    # tarfile itself would read as a valid shorter archive
+    first, *_, last = [m for m in members if m.name.startswith("s000.")]
     boundary = last.offset_data + -(-last.size // 512) * 512
 
     shard.write_bytes(full[: len(full) // 2])
     with pytest.raises(ShardError, match=r"toy-000000\.tar has \d+ bytes but the manifest says"):
         ShardDataset(tmp_path)
 
-    cuts = [(last.offset_data + 5, "unreadable after 0 samples"), (boundary, "holds 1 samples but the manifest says 3")]
-    for cut, match in cuts:
+    damaged = [
+        (full[: first.offset_data + 5], "unreadable after 0 samples .*cut off after 5 of"),
+        (full[: last.offset_data + 5], "unreadable after 0 samples"),
+        (full[:boundary], "unreadable .*no end-of-archive marker"),
+        (full[:boundary] + bytes(1024), "holds 1 samples but the manifest says 3"),  # a valid, shorter tar
+    ]
+    for data, match in damaged:
         shard.write_bytes(full)
         dataset = ShardDataset(tmp_path)  # intact when opened, damaged before it is read
-        shard.write_bytes(full[:cut])
+        shard.write_bytes(data)
         with pytest.raises(ShardError, match=r"toy-000000\.tar .*" + match):
             list(dataset)
         with pytest.raises(ShardError, match=r"toy-000000\.tar"):
@@ -308,3 +315,58 @@ def test_shards_are_readable_by_webdataset(tmp_path):
     assert [(key, np.asarray(image).tolist(), label) for key, image, label in read] == [
         (key, np.asarray(image).tolist(), label) for key, image, label, _ in _samples(4)
     ]
+
+
+def test_shard_bytes_equal_what_tarfile_writes(tmp_path):
+    """The direct header writer must produce exactly tarfile's PAX archive, so shard hashes (which key
+    the logits cache) do not depend on which writer made them; a 120-character key takes the PAX path."""
+    magic = b"\x89PNG\r\n\x1a\n"
+    samples = [("a", magic + bytes(700), 1), ("k" * 120, magic + bytes(512 - 8), 2), ("c", magic, 0)]
+    shard = ShardFile(tmp_path / "x-000000.tar", "png", 3)
+    for key, data, label in samples:
+        shard.add(key, data, label, {"i": label})
+    info = shard.finish()
+
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, data, label in samples:
+            for name, payload in ((f"{key}.png", data), (f"{key}.cls", str(label).encode()),
+                                  (f"{key}.json", json.dumps({"i": label}).encode())):
+                member = tarfile.TarInfo(name)
+                member.size, member.mtime, member.mode = len(payload), 0, 0o644
+                tar.addfile(member, io.BytesIO(payload))
+    written = (tmp_path / "x-000000.tar").read_bytes()
+    assert written == expected.getvalue()
+    assert info.size == len(written) and info.num_samples == 3
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_member_reader_agrees_with_tarfile(tmp_path, tar_format):
+    path = tmp_path / "t.tar"
+    names = ["a.png", "b" * 99 + ".cls", "dir/" + "c" * 130 + ".json", "é.png"]
+    if tar_format == tarfile.USTAR_FORMAT:
+        names = ["a.png", "b" * 96 + ".cls", "d" * 90 + "/" + "e" * 60 + ".json"]  # ustar splits long names into prefix/name
+    with tarfile.open(path, mode="w", format=tar_format) as tar:
+        for i, name in enumerate(names):
+            member = tarfile.TarInfo(name)
+            member.size = 100 * i + 3
+            tar.addfile(member, io.BytesIO(bytes([i]) * member.size))
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
+    with open(path, "rb") as f:
+        assert list(iter_tar_members(f)) == expected
+
+
+def test_member_reader_refuses_links_and_bad_checksums(tmp_path):
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, mode="w") as tar:
+        link = tarfile.TarInfo("x.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    with open(path, "rb") as f, pytest.raises(Exception, match="not a regular file"):
+        list(iter_tar_members(f))
+    data = bytearray(path.read_bytes())
+    data[0] ^= 1
+    path.write_bytes(bytes(data))
+    with open(path, "rb") as f, pytest.raises(Exception, match="bad header checksum"):
+        list(iter_tar_members(f))
