@@ -301,6 +301,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_checkpoint(args: argparse.Namespace) -> int:
+    from robustbench_ft.data.registry import get_dataset, get_suite
+    from robustbench_ft.models.checkpoints import import_checkpoint
+
+    reference = get_dataset(get_suite(args.suite).reference)
+    classifier = import_checkpoint(args.checkpoint, args.model, reference.classnames, reference.templates,
+                                   trust_pickle=args.trust_pickle)
+    weights = classifier.save(args.out)
+    layout = classifier.info.provenance["layout"]
+    print(f"imported {args.checkpoint} (image encoder under {layout['encoder']!r}, head: {layout['head']}) as a "
+          f"{args.model} classifier of {classifier.num_classes} {reference.name} classes: {weights} (+ .json); "
+          f"use it with `robustbench-ft run --method wise-ft --model {args.model} --suite {args.suite} "
+          f"--finetuned {weights}`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robustbench-ft", description="Benchmark robust fine-tuning of CLIP models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -367,6 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", type=Path, default=None, help="write here instead of printing")
     lb.add_argument("--add", type=Path, default=None, metavar="BUNDLE",
                     help="validate a submission bundle and store its records under RESULTS_DIR/submissions/")
+    ip = sub.add_parser("import-checkpoint", help="convert a fine-tuned CLIP checkpoint from another codebase",
+                        description="Read an open_clip state dict, a model-soups or WiSE-FT checkpoint (or a full "
+                                    "CLIP state dict, whose own text tower then gives the zero-shot head) and save "
+                                    "it as a classifier (.safetensors + .json) for `run --finetuned`. Pickles that "
+                                    "are not plain tensors are refused unless --trust-pickle.")
+    ip.add_argument("checkpoint", type=Path, help="checkpoint file (.safetensors, .pt, .pth, .bin, .ckpt)")
+    ip.add_argument("out", type=Path, help="output path stem: OUT.safetensors and OUT.json are written")
+    ip.add_argument("--model", required=True, help="open_clip architecture of the checkpoint (e.g. ViT-B-32)")
+    ip.add_argument("--suite", default=RunConfig.suite, help="suite whose reference classes the head predicts")
+    ip.add_argument("--trust-pickle", action="store_true",
+                    help="allow a full unpickle (can run code: only for files from authors you trust)")
     sb = sub.add_parser("submit", help="bundle your records with method metadata for the leaderboard")
     sb.add_argument("results", nargs="+", type=Path, help="record files or directories of your runs")
     sb.add_argument("--name", required=True, help="method name (letters, digits, spaces, . _ + ( ) -)")
@@ -389,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         handler = {"list": cmd_list, "shard": cmd_shard, "verify": cmd_verify, "zoo": cmd_zoo,
                    "report": cmd_report, "baseline": cmd_baseline, "leaderboard": cmd_leaderboard,
-                   "submit": cmd_submit}[args.command]
+                   "submit": cmd_submit, "import-checkpoint": cmd_import_checkpoint}[args.command]
         return handler(args)
     except (KeyError, ValueError, FileNotFoundError, PermissionError, CheckpointError, ShardError, RecordError,
             FloatingPointError, ModuleNotFoundError) as exc:

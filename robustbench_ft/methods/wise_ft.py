@@ -3,7 +3,8 @@
 θ_α = (1−α)·θ_zs + α·θ_ft over every tensor of the classifier (image encoder and head). α = 0 is
 the zero-shot model, α = 1 the fine-tuned one; the paper recommends α = 0.5 when nothing else is known.
 The fine-tuned endpoint comes from any registered method (``--base ft|lp|lp-ft|flyp|l2-sp|soup``, or a
-plugin) or from a saved classifier (``--finetuned PATH``).
+plugin) or from a checkpoint (``--finetuned PATH``: a classifier saved here, or an open_clip, model-soups or
+WiSE-FT checkpoint; see :mod:`robustbench_ft.models.checkpoints`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Annotated, Any
 
 from robustbench_ft.methods.base import Candidate, MethodContext, parse_alphas
 from robustbench_ft.methods.registry import METHOD_ALIASES, register_method
+from robustbench_ft.models.checkpoints import import_checkpoint
 from robustbench_ft.models.classifier import Classifier, interpolate
 
 
@@ -20,7 +22,7 @@ from robustbench_ft.models.classifier import Classifier, interpolate
 class WiseFTOptions:
     alpha: Annotated[tuple[float, ...], parse_alphas] = (0.5,)
     base: str = "finetune"            # registered method producing the fine-tuned endpoint (ft, lp: short names)
-    finetuned: str | None = None      # a saved classifier to use as the endpoint instead of training one
+    finetuned: str | None = None      # a checkpoint to use as the endpoint instead of training one (see import-checkpoint)
     base_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -35,7 +37,9 @@ def finetuned_endpoint(ctx: MethodContext, opts: WiseFTOptions) -> tuple[Classif
     yield exactly one candidate tagged ``endpoint=finetuned``.
     """
     if opts.finetuned:
-        finetuned = Classifier.load(Path(opts.finetuned), device=ctx.clip.device)
+        ref = ctx.zeroshot.info
+        finetuned = import_checkpoint(opts.finetuned, ctx.config.model, ref.classnames, ref.templates,
+                                      trust_pickle=ctx.config.trust_pickle, device=ctx.clip.device)
         if finetuned.info.classnames != ctx.zeroshot.info.classnames:
             raise ValueError(f"--finetuned {opts.finetuned}: its classes differ from the suite's reference classes "
                              f"({finetuned.info.classnames[:3]}... vs {ctx.zeroshot.info.classnames[:3]}...)")

@@ -129,6 +129,8 @@ def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
             f"{str(exc).splitlines()[0]}). Refusing to unpickle arbitrary objects, which can run code. "
             "Convert it to safetensors, or pass --trust-pickle if you trust its author."
         ) from exc
+    if isinstance(obj, torch.nn.Module):  # a pickled module (only reachable with trust_pickle)
+        obj = obj.state_dict()
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
