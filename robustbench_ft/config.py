@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from robustbench_ft.data.shards import file_sha256
 from robustbench_ft.models.clip import BUNDLED_WEIGHTS, CHECKPOINT_SUFFIXES
 
 
@@ -30,21 +31,32 @@ class RunConfig:
     run_name: str | None = None
     report: bool = True
     trust_pickle: bool = False
+    on_bad_sample: str = "error"   # unreadable evaluation samples: "error" stops naming them, "skip" leaves them out
+    checkpoint_every: int = 500    # fine-tuning saves a resumable training state every N steps (0 = never)
 
     # Fields that change where things go or how fast, not what is computed: left out of the hash.
+    # on_bad_sample too: it changes nothing on intact data (a skip-mode run must not retrain a cached
+    # checkpoint), and a record that skipped samples says so itself (ResultRecord.skipped_samples).
     _NOT_HASHED = frozenset({"data_root", "cache_dir", "results_dir", "reports_dir", "eval_batch_size", "workers",
-                             "device", "run_name", "report", "trust_pickle"})
+                             "device", "run_name", "report", "trust_pickle", "on_bad_sample", "checkpoint_every"})
 
     def __post_init__(self) -> None:
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0 = never), got {self.checkpoint_every}")
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
 
     def identity(self) -> dict[str, Any]:
         """The fields that determine the results, with a local checkpoint replaced by its content hash."""
+        from robustbench_ft.methods.registry import get_method
+
         ident = {k: v for k, v in asdict(self).items() if k not in self._NOT_HASHED}
         ident["pretrained"] = pretrained_identity(self.model, self.pretrained)
+        ident["method_options"] = get_method(self.method).canonical_options(self.method_options)
         return ident
 
     def hash(self) -> str:
@@ -99,14 +111,6 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()).hexdigest()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pretrained_identity(model: str, pretrained: str) -> str:

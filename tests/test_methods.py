@@ -13,6 +13,7 @@ import torch
 from robustbench_ft import RunConfig
 from robustbench_ft.cli import main
 from robustbench_ft.data.loader import ShardDataset
+from robustbench_ft.data.random_access import sample_seed
 from robustbench_ft.data.registry import Suite, get_suite, register_suite
 from robustbench_ft.evaluate import evaluate
 from robustbench_ft.methods.base import MethodContext
@@ -166,11 +167,13 @@ def test_flyp_captions_are_random_templates_of_the_image_class():
     classes, templates = ["red", "green", "blue"], ["a {}.", "the {} one.", "{}!"]
     texts = [t.format(c) for t in templates for c in classes]
     loss = CaptionedContrastiveLoss(lambda batch: torch.tensor([[texts.index(s)] for s in batch]), classes,
-                                    templates, seed=0)
+                                    templates)
     labels = torch.tensor([0, 1, 2, 2, 1, 0] * 5)
-    captions = [texts[i] for i in loss.captions(labels)[:, 0].tolist()]
+    seeds = torch.tensor([sample_seed(0, 0, i) for i in range(len(labels))])
+    captions = [texts[i] for i in loss.captions(labels, seeds)[:, 0].tolist()]
     assert all(classes[y] in text for y, text in zip(labels.tolist(), captions))
     assert len({text for text in captions if "blue" in text}) > 1  # several templates drawn
+    assert torch.equal(loss.captions(labels, seeds), loss.captions(labels, seeds))  # the sample seed decides
 
 
 def test_flyp_finetunes_a_copy_and_rebuilds_the_head_from_its_text_tower(run_dirs, clip):

@@ -191,19 +191,6 @@ def test_ranks_and_workers_cover_every_sample_exactly_once(tmp_path):
     assert sum(keys, []) == [f"s{i:03d}" for i in range(11)]
 
 
-def test_shuffle_is_seeded_and_still_partitions_the_set(tmp_path):
-    _build(tmp_path, n=11, samples_per_shard=2)
-
-    def order(seed: int, rank: int = 0, world_size: int = 1, workers: int = 0) -> list[int]:
-        loader = make_loader(tmp_path, _to_tensor, batch_size=3, num_workers=workers, rank=rank,
-                             world_size=world_size, with_index=True, shuffle=True, seed=seed, shuffle_buffer=3)
-        return [int(i) for batch in loader for i in batch[2]]
-
-    assert order(1) == order(1) != order(2)
-    assert order(1) != list(range(11))
-    assert sorted(order(1, 0, 2, 2) + order(1, 1, 2, 2)) == list(range(11))
-
-
 def _write_tree(root: Path) -> dict[str, bytes]:
     """An ImageFolder tree of PNGs (one nested, one with an awkward name); returns rel path -> bytes."""
     files = {

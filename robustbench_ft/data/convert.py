@@ -63,7 +63,8 @@ ENGINE_VERSION = 1  # part of every shard fingerprint: bump when the stored byte
 _PIL_TO_SHARD_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 SHUFFLE_SEED = 0
-"""Seed that converters permute training splits with (the reader's shuffle buffer only mixes nearby samples)."""
+"""Seed that converters permute training splits with, so that streaming readers outside the harness
+(webdataset's shuffle buffer mixes only nearby samples) and any prefix of the shards see every class."""
 
 
 class ConversionError(ValueError):
@@ -168,7 +169,7 @@ def holdout_split(items: Sequence[SourceItem], fraction: float, split: str) -> l
 
 
 def shuffled(items: Sequence[SourceItem], seed: int = SHUFFLE_SEED) -> list[SourceItem]:
-    """``items`` permuted with ``seed`` (training splits: shards would otherwise be sorted by class)."""
+    """``items`` permuted with ``seed`` (training splits; see :data:`SHUFFLE_SEED`)."""
     out = list(items)
     random.Random(seed).shuffle(out)
     return out

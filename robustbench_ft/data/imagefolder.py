@@ -7,9 +7,11 @@ torchvision's ``ImageFolder`` does, so labels agree with it (except that hidden 
 files, so any number of worker processes writes byte-identical shards, and a killed conversion
 resumes where it stopped.
 
-That order is sorted by class, which suits evaluation but not training: the reader's shuffle
-buffer only mixes nearby samples. Training splits are converted with ``shuffle_seed`` set, which
-permutes the files (deterministically) before they are cut into shards.
+That order is sorted by class. The harness's own training reads samples by position in a random
+order (:mod:`robustbench_ft.data.random_access`), so it does not care; training splits are still
+converted with ``shuffle_seed`` set (a deterministic permutation before sharding), so that streaming
+readers outside the harness (``webdataset`` with a shuffle buffer) and any prefix of the shards see
+every class.
 
 Every file is decoded before it is stored, even when its bytes are copied unchanged, so that a
 broken file fails the conversion (naming it) instead of an evaluation hours later; with
@@ -89,7 +91,7 @@ def write_imagefolder_shards(
     and lists them, as ``{"path", "reason"}``, in ``metadata["skipped"]`` (then shards hold fewer
     than ``samples_per_shard`` samples where files were skipped).
     ``shuffle_seed``: None keeps torchvision's class-sorted order; an integer permutes the files
-    with it first (recorded in the metadata), as training splits need.
+    with it first (recorded in the metadata), for training splits (see the module docstring).
     """
     options = ConvertOptions(samples_per_shard=samples_per_shard, image_format=image_format, quality=quality,
                              resize_shorter=resize_shorter, workers=workers, on_bad=on_bad, progress=progress)

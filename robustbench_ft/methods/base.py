@@ -7,8 +7,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
+from robustbench_ft import distributed
 from robustbench_ft.config import RunConfig
 from robustbench_ft.data.registry import Suite, ensure_dataset, get_dataset
+from robustbench_ft.methods.training import Checkpointing
 from robustbench_ft.models.classifier import Classifier
 from robustbench_ft.models.clip import LoadedCLIP
 
@@ -70,7 +72,8 @@ class MethodContext:
         if which == "val" and self.suite.val is None:
             raise ValueError(f"suite {self.suite.name!r} declares no held-out (val) split")
         dataset, split = self.suite.train if which == "train" else self.suite.val
-        return ensure_dataset(get_dataset(dataset), Path(self.config.data_root), split, log=self.log)
+        with distributed.main_first():  # under torchrun rank 0 builds it, the others then find it built
+            return ensure_dataset(get_dataset(dataset), Path(self.config.data_root), split, log=self.log)
 
     def run_method(self, name: str, options: dict[str, Any], *, seed: int | None = None) -> list[Candidate]:
         """Run another registered method (e.g. WiSE-FT's fine-tuned endpoint) under this run's settings.
@@ -96,17 +99,34 @@ class MethodContext:
                              "method must give exactly one")
         return endpoints[0].classifier
 
+    @property
+    def checkpoint_path(self) -> Path:
+        """Stem of this config's cached classifier (``.safetensors`` + ``.json``) and training state."""
+        return Path(self.config.cache_dir) / "checkpoints" / f"{self.config.method}-{self.config.hash()[:16]}"
+
+    def training_checkpoints(self) -> Checkpointing:
+        """Where training saves its resumable state every ``config.checkpoint_every`` steps."""
+        return Checkpointing(self.checkpoint_path.with_suffix(".training.pt"), self.config.checkpoint_every)
+
     def cached_classifier(self, train: Callable[[], Classifier]) -> Classifier:
         """Load this config's trained classifier from the checkpoint cache, or train and store it.
 
         The cache key is the config hash (model, weights content, method, options, suite, seed), so a
         second run with the same settings never trains again and a changed setting never reuses a stale one.
+        Once the classifier is stored, the resumable training state is deleted. Under torchrun every
+        rank trains (together) and rank 0 stores.
         """
-        path = Path(self.config.cache_dir) / "checkpoints" / f"{self.config.method}-{self.config.hash()[:16]}"
+        path = self.checkpoint_path
+        state = self.training_checkpoints().path
         if path.with_suffix(".safetensors").is_file() and path.with_suffix(".json").is_file():
             self.log(f"using cached {self.config.method} checkpoint {path.with_suffix('.safetensors')}")
+            if distributed.world().is_main:
+                state.unlink(missing_ok=True)  # left by a run killed between storing and deleting it
             return Classifier.load(path, device=self.clip.device)
         classifier = train()
         classifier.info.provenance.update({"config_hash": self.config.hash(), "method": self.config.method})
-        classifier.save(path)
+        if distributed.world().is_main:
+            classifier.save(path)
+            state.unlink(missing_ok=True)
+        distributed.barrier()
         return classifier

@@ -5,21 +5,23 @@ weight decay 0.1, batch 512, 10 epochs, 500 warmup steps then cosine decay, grad
 Suites may override lengths and learning rate for their scale (see ``Suite.method_defaults``).
 The schedule options and the training-data stream are shared with the other fine-tuning methods
 (LP-FT, L2-SP, FLYP), so that they differ from this baseline only in what their papers change.
+``batch_size`` is the effective (global) batch of one optimisation step: ``accum_steps`` splits it
+into micro-batches on each process (for memory), torchrun splits it across processes.
 """
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
-from robustbench_ft.data.loader import make_loader
-from robustbench_ft.data.shards import Manifest
+from robustbench_ft import distributed
+from robustbench_ft.data.random_access import TrainingBatches
 from robustbench_ft.methods.base import Candidate, MethodContext
 from robustbench_ft.methods.registry import register_method
-from robustbench_ft.methods.training import OptimConfig, cross_entropy, train
+from robustbench_ft.methods.training import Batch, Objective, OptimConfig, cross_entropy, mean_loss, train
 from robustbench_ft.models.classifier import Classifier
 
 Penalty = Callable[[torch.nn.Module], torch.Tensor]
@@ -37,19 +39,24 @@ class ScheduleOptions:
     warmup_steps: int = 500
     grad_clip: float = 1.0
     max_steps: int | None = None   # cap on optimisation steps (quick trials); None = from epochs
+    accum_steps: int = 1           # micro-batches per step (gradient accumulation); batch_size stays the step's batch
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("fine-tuning: epochs, batch_size and lr must be positive")
+        if self.accum_steps < 1 or self.batch_size % self.accum_steps:
+            raise ValueError(f"fine-tuning: accum_steps must be >= 1 and divide batch_size ({self.batch_size}), "
+                             f"got {self.accum_steps}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("fine-tuning: warmup_steps, weight_decay and grad_clip must be >= 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("fine-tuning: max_steps must be >= 1 (or none)")
 
-    def optim_config(self, num_samples: int) -> OptimConfig:
-        """The optimiser schedule for a training set of ``num_samples`` images (full batches only)."""
-        steps = self.max_steps or math.ceil(self.epochs * num_samples / self.batch_size)
-        return OptimConfig(self.lr, self.weight_decay, min(self.warmup_steps, steps), self.grad_clip, steps)
+    def optim_config(self, batches_per_epoch: int) -> OptimConfig:
+        """The optimiser schedule for a training set of ``batches_per_epoch`` full batches."""
+        steps = self.max_steps or math.ceil(self.epochs * batches_per_epoch)
+        return OptimConfig(self.lr, self.weight_decay, min(self.warmup_steps, steps), self.grad_clip, steps,
+                           self.accum_steps)
 
 
 @dataclass(frozen=True)
@@ -62,19 +69,22 @@ class FinetuneOptions(ScheduleOptions):
             raise ValueError(f"finetune: label_smoothing must lie in [0, 1), got {self.label_smoothing}")
 
 
-def training_batches(ctx: MethodContext, batch_size: int) -> Callable[[int], Iterable]:
-    """``epoch -> batches`` of the suite's training split: train transform, reshuffled per epoch and seed."""
-    train_dir = ctx.split_dir("train")
-
-    def batches(epoch: int):
-        return make_loader(train_dir, ctx.clip.preprocess_train, batch_size, num_workers=ctx.config.workers,
-                           shuffle=True, seed=ctx.config.seed * 1000 + epoch, drop_last=True)
-
-    return batches
+def training_batches(ctx: MethodContext, batch_size: int) -> TrainingBatches:
+    """The suite's training split with the train transform, in an order fixed by (seed, epoch) alone:
+    the same batches for any ``--workers`` and, as a union over ranks, any number of processes."""
+    world, directory = distributed.world(), ctx.split_dir("train")
+    with distributed.main_first():  # rank 0 indexes the shards (once per set), the others read its index file
+        return TrainingBatches(directory, ctx.clip.preprocess_train, batch_size, seed=ctx.config.seed,
+                               workers=ctx.config.workers, rank=world.rank, world_size=world.world_size)
 
 
-def train_samples(ctx: MethodContext) -> int:
-    return Manifest.load(ctx.split_dir("train")).num_samples
+def run_training(ctx: MethodContext, model: torch.nn.Module, opts: ScheduleOptions, objective: Objective,
+                 desc: str) -> dict:
+    """Train ``model`` in place with the run's schedule, data, precision and resumable checkpoints."""
+    data = training_batches(ctx, opts.batch_size)
+    return train(model, data, opts.optim_config(data.batches_per_epoch), objective, device=ctx.clip.device,
+                 precision=ctx.config.precision, progress=ctx.progress, desc=desc,
+                 checkpointing=ctx.training_checkpoints(), log=ctx.log)
 
 
 def finetune_classifier(ctx: MethodContext, start: Classifier, opts: FinetuneOptions, desc: str,
@@ -89,12 +99,11 @@ def finetune_classifier(ctx: MethodContext, start: Classifier, opts: FinetuneOpt
         p.requires_grad_(True)
     ce = cross_entropy(opts.label_smoothing)
 
-    def loss_fn(m: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = ce(m, images, labels)
-        return loss if penalty is None else loss + penalty(m)
+    def loss_fn(m: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        loss = ce(m, batch)
+        return loss if penalty is None else loss + penalty(distributed.unwrap(m))
 
-    summary = train(model, training_batches(ctx, opts.batch_size), opts.optim_config(train_samples(ctx)), loss_fn,
-                    device=ctx.clip.device, precision=ctx.config.precision, progress=ctx.progress, desc=desc)
+    summary = run_training(ctx, model, opts, mean_loss(loss_fn), desc)
     model.info.provenance.update({"training": summary})
     return model
 

@@ -9,7 +9,15 @@ fine-tuned text tower (and the fine-tuned ``logit_scale``), exactly as for the p
 Defaults are the paper's ImageNet recipe (the authors' code, ``locuslab/FLYP``): AdamW over all
 parameters, lr 1e-5, weight decay 0.1, batch 512, 10 epochs, 500 warmup steps then cosine decay,
 no gradient clipping. The paper draws the caption by sampling (image, template) rows of a table of
-all pairs; drawing a template per image per step gives the same distribution.
+all pairs; drawing a template per image per epoch gives the same distribution. The draw comes from the
+sample's own seed (seed, epoch, index), so it is the same for any worker count, process count or resume.
+
+The loss couples the whole batch (every other pair is a negative), so gradient accumulation and DDP
+must not shrink the set of negatives: the features of the other micro-batches and of the other ranks
+enter each micro-batch's loss as constants (computed without gradient, gathered across ranks), and
+only the micro-batch's own features carry gradient. Summed over micro-batches (and averaged over
+ranks by DDP, with the loss scaled by the world size), this is the gradient of the full-batch loss;
+the temperature's direct gradient is counted once. Accumulation costs one extra forward pass.
 """
 from __future__ import annotations
 
@@ -19,11 +27,12 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from robustbench_ft import distributed
 from robustbench_ft.data.registry import get_dataset
 from robustbench_ft.methods.base import Candidate, MethodContext
-from robustbench_ft.methods.finetune import ScheduleOptions, train_samples, training_batches
+from robustbench_ft.methods.finetune import ScheduleOptions, run_training
 from robustbench_ft.methods.registry import register_method
-from robustbench_ft.methods.training import train
+from robustbench_ft.methods.training import Batch, Step
 from robustbench_ft.models.classifier import Classifier
 
 
@@ -45,28 +54,62 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` unchanged in value, with its gradient multiplied by ``factor``."""
+    return x.detach() + factor * (x - x.detach())
+
+
+def clip_features(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor):
+    """(normalised image features, normalised text features, exp(logit_scale)) through the model's
+    forward (so that DistributedDataParallel sees the call), whichever output form it has."""
+    out = model(images, texts)
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"], out["logit_scale"]
+    return out[0], out[1], out[2]
+
+
 class CaptionedContrastiveLoss:
-    """FLYP's loss for a CLIP model and a batch of (images, class labels): captions from random templates.
+    """FLYP's objective for a CLIP model and a batch of (images, class labels): captions from random templates.
 
     ``tokens[t, c]`` is template t filled with class c, tokenised once up front; the template of
-    each image is drawn from a generator seeded by the run's seed, so a run repeats exactly.
+    each image is its seed modulo the number of templates (a uniform draw, fixed by the sample's
+    seed). See the module docstring for accumulation and DDP.
     """
 
-    def __init__(self, tokenizer, classnames: list[str], templates: list[str], seed: int):
+    def __init__(self, tokenizer, classnames: list[str], templates: list[str]):
         texts = [template.format(name) for template in templates for name in classnames]
         self.tokens = tokenizer(texts).view(len(templates), len(classnames), -1)
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def captions(self, labels: torch.Tensor) -> torch.Tensor:
-        """Token ids [N, L] of one random template per label."""
-        which = torch.randint(self.tokens.shape[0], (len(labels),), generator=self.generator)
-        return self.tokens[which, labels.cpu()]
+    def captions(self, labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Token ids [N, L] of one template per label, drawn by the sample seeds."""
+        return self.tokens[seeds.cpu() % self.tokens.shape[0], labels.cpu()]
 
-    def __call__(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        texts = self.captions(labels).to(images.device)
-        image_features = F.normalize(model.encode_image(images), dim=-1)
-        text_features = F.normalize(model.encode_text(texts), dim=-1)
-        return clip_loss(image_features, text_features, model.logit_scale.exp())
+    def __call__(self, step: Step, batch: Batch) -> float:
+        texts = self.captions(batch.labels, batch.seeds).to(batch.images.device)
+        parts = list(zip(batch.images.chunk(step.accum_steps), texts.chunk(step.accum_steps)))
+        world = distributed.world()
+        if len(parts) > 1:  # every micro-batch's features, as constants
+            with torch.no_grad(), step.autocast():
+                cached = [clip_features(step.model, images, tokens)[:2] for images, tokens in parts]
+            all_images = distributed.all_gather_tensor(torch.cat([c[0] for c in cached]))
+            all_texts = distributed.all_gather_tensor(torch.cat([c[1] for c in cached]))
+        start = world.rank * len(batch.labels)  # this rank's rows in the gathered batch
+        for i, (images, tokens) in enumerate(parts):
+            last = i == len(parts) - 1
+            with step.sync(last):
+                with step.autocast():
+                    image_features, text_features, scale = clip_features(step.model, images, tokens)
+                    if len(parts) == 1:
+                        all_images = distributed.all_gather_tensor(image_features)
+                        all_texts = distributed.all_gather_tensor(text_features)
+                    end = start + len(images)
+                    image_features = torch.cat([all_images[:start], image_features, all_images[end:]])
+                    text_features = torch.cat([all_texts[:start], text_features, all_texts[end:]])
+                    scale = scale_grad(scale, 1 / world.world_size if last else 0.0)  # its gradient once in all
+                    loss = clip_loss(image_features, text_features, scale)
+                (loss * world.world_size).backward()
+            start = end
+        return loss.item()
 
 
 def flyp_classifier(ctx: MethodContext, opts: FlypOptions) -> Classifier:
@@ -75,10 +118,8 @@ def flyp_classifier(ctx: MethodContext, opts: FlypOptions) -> Classifier:
     model = copy.deepcopy(ctx.clip.model)  # ctx.clip stays the pretrained model
     for p in model.parameters():
         p.requires_grad_(True)
-    loss_fn = CaptionedContrastiveLoss(ctx.clip.tokenizer, list(ref.classnames), list(ref.templates), ctx.config.seed)
-    summary = train(model, training_batches(ctx, opts.batch_size), opts.optim_config(train_samples(ctx)), loss_fn,
-                    device=ctx.clip.device, precision=ctx.config.precision, progress=ctx.progress,
-                    desc="FLYP fine-tuning")
+    loss = CaptionedContrastiveLoss(ctx.clip.tokenizer, list(ref.classnames), list(ref.templates))
+    summary = run_training(ctx, model, opts, loss, "FLYP fine-tuning")
     finetuned = replace(ctx.clip, model=model.eval())
     return Classifier.zeroshot(finetuned, ref.classnames, ref.templates, provenance={
         "model": ctx.clip.name, "method": "flyp", "training": summary,

@@ -43,6 +43,16 @@ class MethodSpec:
         parsed = {k: parse_option(k, v, hints[k]) for k, v in values.items()}
         return self.options(**parsed)
 
+    def canonical_options(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The given option values as the options dataclass reads them, for hashing a config: ``--epochs 2``
+        on the CLI and ``{"epochs": 2}`` from Python are the same run. A ``base_options`` dict (WiSE-FT,
+        soups) holds options of the method named by ``base`` and is made canonical by that method."""
+        options = self.make_options(values)
+        out = {k: getattr(options, k) for k in values}
+        if isinstance(out.get("base_options"), dict):
+            out["base_options"] = get_method(options.base).canonical_options(out["base_options"])
+        return out
+
 
 def parse_option(name: str, value: Any, hint: Any) -> Any:
     """Coerce a CLI string or TOML value to the option's declared type, with a clear error."""
@@ -55,6 +65,8 @@ def parse_option(name: str, value: Any, hint: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
             return None
         return parse_option(name, value, args[0])
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # TOML/Python 2 and CLI "2" read alike (and hash alike)
     if not isinstance(value, str):
         return value
     try:

@@ -2,19 +2,49 @@
 
 AdamW with decoupled weight decay, linear warmup then cosine decay to zero, gradient-norm
 clipping, optional bf16 autocast. A non-finite loss stops training with the step that produced it.
+
+Three things make long runs practical without changing what is computed:
+
+* **Gradient accumulation.** A step's batch can be processed in ``accum_steps`` micro-batches whose
+  gradients add up to the whole batch's (each micro-batch loss weighted by its share of the batch);
+  the optimiser still steps once per ``batch_size`` samples.
+* **Resume.** Every ``checkpoint_every`` steps the model, optimiser, step and RNG state are written
+  atomically; a rerun of the same config continues from there. The data position needs no saving:
+  step ``s`` is batch ``s mod B`` of epoch ``s div B`` of an order fixed by (seed, epoch)
+  (:mod:`robustbench_ft.data.random_access`), so the resumed run sees exactly the batches the
+  uninterrupted run would have.
+* **DDP.** Under torchrun the model is wrapped in DistributedDataParallel and every rank processes
+  its slice of each global batch; averaged gradients equal the one-process gradient.
 """
 from __future__ import annotations
 
+import io
 import math
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, ContextManager, Iterable, NamedTuple, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
+from robustbench_ft import distributed
 from robustbench_ft.models.clip import autocast
+from robustbench_ft.results import atomic_write_bytes
 
-LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+STATE_FORMAT = "robustbench-ft-training-state"
+
+
+class Batch(NamedTuple):
+    """One step's samples on this rank: images, labels and each sample's seed (for per-sample draws)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    seeds: torch.Tensor
+
+    def split(self, parts: int) -> list["Batch"]:
+        """``parts`` consecutive micro-batches (as equal as possible)."""
+        return [Batch(*fields) for fields in zip(*(t.chunk(parts) for t in self))]
 
 
 @dataclass(frozen=True)
@@ -24,6 +54,7 @@ class OptimConfig:
     warmup_steps: int
     grad_clip: float
     total_steps: int
+    accum_steps: int = 1
 
 
 def cosine_lr(step: int, cfg: OptimConfig) -> float:
@@ -34,53 +65,180 @@ def cosine_lr(step: int, cfg: OptimConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * cfg.lr
 
 
+@dataclass
+class Step:
+    """What an objective needs to compute one step's gradient: the (possibly DDP-wrapped) model to
+    call, how many micro-batches to use, and the autocast and gradient-sync contexts."""
+
+    model: torch.nn.Module
+    accum_steps: int
+    device: torch.device
+    precision: str
+
+    def autocast(self) -> ContextManager:
+        return autocast(self.device, self.precision)
+
+    def sync(self, last: bool) -> ContextManager:
+        """Around a micro-batch's backward: DDP all-reduces gradients only after the last one."""
+        return nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+
+
+Objective = Callable[[Step, Batch], float]
+"""Computes the loss of a step's batch, backpropagates its gradient into ``.grad`` and returns its value."""
+LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+"""The mean loss of a (micro-)batch: a function of the model and the batch."""
+
+
+def mean_loss(loss_fn: LossFn) -> Objective:
+    """The objective of a loss that is a mean over samples (plus terms that do not depend on the batch).
+
+    Micro-batch ``i`` of ``n_i`` samples contributes ``n_i / n · loss_i``, so the accumulated gradient
+    is the whole batch's; a batch-independent term (a weight penalty) is counted with total weight 1.
+    """
+    def objective(step: Step, batch: Batch) -> float:
+        micro = batch.split(step.accum_steps)
+        total = 0.0
+        for i, part in enumerate(micro):
+            weight = len(part.labels) / len(batch.labels)
+            with step.sync(last=i == len(micro) - 1):
+                with step.autocast():
+                    loss = loss_fn(step.model, part) * weight
+                loss.backward()
+            total += loss.item()
+        return total
+
+    return objective
+
+
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
-    def loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
+    def loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(model(batch.images), batch.labels, label_smoothing=label_smoothing)
 
     return loss
 
 
-def train(model: torch.nn.Module, batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-          cfg: OptimConfig, loss_fn: LossFn, *, device: torch.device, precision: str = "fp32",
-          progress: bool = True, desc: str = "fine-tuning") -> dict[str, float]:
-    """Train ``model`` in place for ``cfg.total_steps`` steps; ``batches(epoch)`` yields (images, labels).
+class TrainingData(Protocol):
+    """The batches of a training run, by epoch (see :class:`robustbench_ft.data.random_access.TrainingBatches`)."""
 
-    Returns a summary (steps, final loss, epochs seen).
+    batches_per_epoch: int
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterable[list[torch.Tensor]]: ...
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where a run keeps its resumable state, and how often (in steps) it saves it; 0 = never."""
+
+    path: Path
+    every: int
+
+
+def train(model: torch.nn.Module, data: TrainingData, cfg: OptimConfig, objective: Objective, *,
+          device: torch.device, precision: str = "fp32", progress: bool = True, desc: str = "fine-tuning",
+          checkpointing: Checkpointing | None = None, log: Callable[[str], None] = print) -> dict[str, float]:
+    """Train ``model`` in place for ``cfg.total_steps`` steps on ``data``; resumes from ``checkpointing.path``.
+
+    Returns a summary (steps, epochs, final loss, and the step a resumed run started from).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: every parameter is frozen")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = data.batches_per_epoch
+    fingerprint = {**asdict(cfg), "batches_per_epoch": per_epoch}
+    step, last_loss = 0, float("nan")
+    if checkpointing is not None and checkpointing.path.is_file():
+        step, last_loss = _load_state(checkpointing.path, model, optimizer, device, fingerprint, log)
+    resumed_from = step
+    wrapped = distributed.wrap_ddp(model, device)
+    ctx = Step(wrapped, cfg.accum_steps, device, precision)
     model.train()
-    step, epoch, last_loss = 0, 0, float("nan")
-    bar = tqdm(total=cfg.total_steps, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+    epoch, position = divmod(step, per_epoch)
+    bar = tqdm(total=cfg.total_steps, initial=step, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
     while step < cfg.total_steps:
         seen = 0
-        for images, labels in batches(epoch):
+        for raw in data.epoch(epoch, position):
             seen += 1
+            batch = Batch(*(t.to(device, non_blocking=True) for t in raw))
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, cfg)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with autocast(device, precision):
-                loss = loss_fn(model, images, labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step} (epoch {epoch}); "
-                                         "lower the learning rate or check the data")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # the global batch's loss, the same on every rank (so all ranks stop together on a bad one)
+            loss = distributed.mean_over_ranks(objective(ctx, batch))
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss became {loss} at step {step} (epoch {epoch})"
+                                         f"{_non_finite_tensor(model)}; lower the learning rate or check the data")
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             step += 1
-            last_loss = loss.item()
+            last_loss = loss
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            if checkpointing is not None and checkpointing.every and step % checkpointing.every == 0 \
+                    and step < cfg.total_steps:
+                _save_state(checkpointing.path, model, optimizer, step, per_epoch, last_loss, device, fingerprint)
             if step >= cfg.total_steps:
                 break
         if seen == 0:
             raise ValueError(f"{desc}: the training data yielded no batch")
-        epoch += 1
+        epoch, position = epoch + 1, 0
     bar.close()
     model.eval()
-    return {"steps": step, "epochs": epoch, "final_loss": last_loss}
+    summary = {"steps": step, "epochs": round(step / per_epoch, 4), "final_loss": last_loss}
+    if resumed_from:
+        summary["resumed_from_step"] = resumed_from
+    return summary
+
+
+def _non_finite_tensor(model: torch.nn.Module) -> str:
+    """Which tensor a non-finite loss shows in, if one does: the first parameter holding NaN/Inf (a
+    bad starting checkpoint, or a step that diverged), else the first such gradient. Only run on failure."""
+    named = list(model.named_parameters())
+    for name, p in named:
+        if not bool(torch.isfinite(p).all()):
+            return f"; parameter {name!r} holds NaN/Inf"
+    for name, p in named:
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return f"; the gradient of {name!r} holds NaN/Inf"
+    return ""
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, per_epoch: int,
+                last_loss: float, device: torch.device, fingerprint: dict) -> None:
+    """Write the resumable state atomically (rank 0 only): a kill mid-write leaves the previous one."""
+    if not distributed.world().is_main:
+        return
+    buffer = io.BytesIO()
+    torch.save({"format": STATE_FORMAT, "version": 1, "fingerprint": fingerprint, "step": step,
+                "epoch": step // per_epoch, "batch_in_epoch": step % per_epoch, "last_loss": last_loss,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(device)}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                fingerprint: dict, log: Callable[[str], None]) -> tuple[int, float]:
+    """Restore model, optimiser and RNG from a saved state; returns (step, last loss). An unreadable
+    file is set aside (training starts over); a state saved for another schedule is an error."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError("not a training state")
+    except Exception as exc:  # noqa: BLE001 (torch.load raises many types for a damaged file)
+        log(f"ignoring unreadable training state {path} ({exc}); training from the start")
+        return 0, float("nan")
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(f"{path} was saved for another schedule ({state['fingerprint']}, now {fingerprint}): the "
+                         "training data changed since; delete the file to train from the start")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if device.type == "cuda" and state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    log(f"resuming from step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']}) of {path}")
+    return int(state["step"]), float(state["last_loss"])
