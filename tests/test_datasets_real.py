@@ -482,9 +482,10 @@ def test_run_projects_logits_and_reports_reference_accuracy_on_each_subset(tmp_p
 
     # the same numbers by hand from the cached logits, which are always over the 6 reference classes
     cached = {}
-    for path in (Path(run_dirs["cache_dir"]) / "logits").glob("*.npz"):
-        with np.load(path) as data:
-            cached[len(data["labels"])] = (data["logits"], data["labels"])
+    for path in (Path(run_dirs["cache_dir"]) / "logits").glob("*.npy"):
+        if not path.name.endswith(".labels.npy"):
+            labels = np.load(path.with_suffix(".labels.npy"))
+            cached[len(labels)] = (np.load(path), labels)
     assert sorted(cached) == [4, 6, 18] and all(lg.shape[1] == 6 for lg, _ in cached.values())
     logits, labels = cached[6]
     assert rec.metrics["rt-subset"]["top1"] == pytest.approx(np.mean(logits[:, [1, 3, 4]].argmax(1) == labels))
