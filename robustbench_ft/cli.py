@@ -92,6 +92,8 @@ def cmd_run(argv: Sequence[str]) -> int:
     from robustbench_ft.runner import run
 
     outcome = run(config)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone prints the summary
+        return 0
     print_summary(outcome.records)
     print(f"\nrecords: {Path(config.results_dir) / config.name}/")
     if outcome.report:
@@ -349,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--on-bad", choices=["error", "skip"], default="error",
                     help="unreadable images: stop with an error naming the file, or skip and count them")
     sp.add_argument("--shuffle-seed", type=int, default=None,
-                    help="shuffle files before sharding (use for training splits: shards are otherwise class-sorted)")
+                    help="shuffle files before sharding (for training splits, so streaming readers such as webdataset see "
+                         "mixed classes; the harness itself trains in a random order either way)")
     vp = sub.add_parser("verify", help="re-check a shard set against its manifest (counts, classes, sha256)")
     vp.add_argument("directory", type=Path)
     zp = sub.add_parser("zoo", help="rebuild the embedded demo model or the demo baseline zoo")

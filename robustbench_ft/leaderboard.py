@@ -219,6 +219,8 @@ def _notes(board: Board) -> list[str]:
                      "each column separately)")
     notes.append(f"ER = effective robustness of the shift average in percentage points, against "
                  f"{board.baseline or 'no baseline'}")
+    notes += [f"{_short(e.record.candidate, 60)}: evaluated with unreadable samples left out ({e.record.skipped_note()}); "
+              f"its scores are over the samples read" for e in board.entries if e.record.skipped_samples]
     if any(e.rank is None for e in board.entries):
         notes.append("— unranked: no score on every shift" if board.shifts else "— unranked: no reference score")
     return notes

@@ -5,11 +5,13 @@ and tables convert to percent. A record names everything needed to reproduce it 
 and its hash, software versions) and to compare it (suite, reference, shifts, the baseline used).
 
 Schema versions: 2 added ``summary`` (aggregates a paper reports without their parts, e.g. a mean
-over five shifts) and the ``submitted`` kind; version-1 files load unchanged (an empty summary).
+over five shifts) and the ``submitted`` kind; 3 added ``skipped_samples`` (what a run with
+``--on-bad-sample skip`` left out). Older files load unchanged (empty summary, nothing skipped).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -19,8 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-SCHEMA_VERSION = 2
-SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3)
 RECORD_KINDS = ("reproduced", "published", "baseline", "submitted")
 
 
@@ -52,6 +54,10 @@ class ResultRecord:
     # Aggregates reported without their parts: name -> {"metric", "value", "over": [datasets], "std"?,
     # "note"?}; e.g. {"shift-avg": {"metric": "top1", "value": 0.602, "over": [five shifts]}}.
     summary: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Unreadable samples left out (``--on-bad-sample skip``): dataset -> {"count": N, "events": [{"shard",
+    # "key" (None: the rest of a shard, or all of it), "count", "reason"}, ...], "events_omitted": k}.
+    # The dataset's metrics are over the samples read ("n"); a dataset not listed lost none.
+    skipped_samples: dict[str, dict[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def score(self, dataset: str) -> float:
@@ -81,6 +87,10 @@ class ResultRecord:
             return None
         return float(entry["value"])
 
+    def skipped_note(self) -> str:
+        """"dataset: N skipped" per dataset that lost unreadable samples ("" if none), for tables."""
+        return "; ".join(f"{ds}: {int(entry.get('count', 0))} skipped" for ds, entry in self.skipped_samples.items())
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -102,6 +112,8 @@ class ResultRecord:
             raise RecordError(f"{source}: unknown field(s) {unknown}")
         if version == 1 and "summary" in data:
             raise RecordError(f"{source}: field 'summary' needs schema_version 2 (the file says 1)")
+        if version < 3 and data.get("skipped_samples"):
+            raise RecordError(f"{source}: field 'skipped_samples' needs schema_version 3 (the file says {version})")
         _check_types(data, source)
         record = cls(**{**data, "schema_version": SCHEMA_VERSION})
         if record.kind not in RECORD_KINDS:
@@ -115,7 +127,13 @@ _DICT_FIELDS = ("tags", "effective_robustness", "config", "versions", "timings")
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite number that converts to float (JSON allows NaN, Infinity and 400-digit integers)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _check_types(data: dict[str, Any], source: str) -> None:
@@ -138,13 +156,15 @@ def _check_types(data: dict[str, Any], source: str) -> None:
     for ds, values in metrics.items():
         for key, value in values.items():
             if not _is_number(value):
-                raise RecordError(f"{source}: metrics[{ds!r}][{key!r}] must be a number, got {value!r}")
+                raise RecordError(f"{source}: metrics[{ds!r}][{key!r}] must be a number (finite), got {str(value)[:40]}")
     primary = data.get("primary_metric", {})
     if not isinstance(primary, dict) or not all(isinstance(v, str) for v in primary.values()):
         raise RecordError(f"{source}: field 'primary_metric' must be an object of dataset -> metric name")
-    for ds, key in primary.items():
-        if ds in metrics and key not in metrics[ds]:
-            raise RecordError(f"{source}: primary_metric[{ds!r}] names {key!r}, which metrics[{ds!r}] lacks")
+    for ds, values in metrics.items():  # every score shown or ranked is ``score(ds)``: it must exist
+        key = primary.get(ds, "top1")
+        if key not in values:
+            raise RecordError(f"{source}: metrics[{ds!r}] has no {key!r}, its primary metric"
+                              + ("" if ds in primary else " (top-1 unless primary_metric names another)"))
     summary = data.get("summary", {})
     if not isinstance(summary, dict):
         raise bad("summary", "an object")
@@ -153,6 +173,12 @@ def _check_types(data: dict[str, Any], source: str) -> None:
                 or not isinstance(entry.get("over"), list) or not all(isinstance(d, str) for d in entry["over"])):
             raise RecordError(f"{source}: summary[{key!r}] must be an object with 'metric' (string), 'value' "
                               f"(number) and 'over' (list of dataset names)")
+    skipped = data.get("skipped_samples", {})
+    if not isinstance(skipped, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("count"), int) and not isinstance(e["count"], bool)
+            and e["count"] >= 0 and isinstance(e.get("events", []), list) for e in skipped.values()):
+        raise RecordError(f"{source}: field 'skipped_samples' must be an object of dataset -> "
+                          f"{{'count': whole number, 'events': [...]}}")
 
 
 def slugify(text: str) -> str:

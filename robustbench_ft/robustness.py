@@ -222,6 +222,9 @@ def fit_linear(
     _check_kind(transform)
     x, y = _paired_accuracies(x_acc, y_acc)
     tx, ty = _to_axis(x, transform, n=x_n), _to_axis(y, transform, n=y_n)
+    if np.ptp(tx) == 0:  # e.g. 0.99995 and 1.0 both clip to 1 - eps: distinct accuracies, one coordinate
+        raise ValueError(f"the {x.size} models' x accuracies ({x.min():g} to {x.max():g}) coincide once 0 and 1 are "
+                         f"clipped for the {transform} axis; the slope is undefined; add baseline models")
     slope, intercept, r = _least_squares(tx, ty)
     return LinearFit(float(slope), float(intercept), float(r), int(x.size), transform, x_dataset, y_dataset,
                      x_metric)

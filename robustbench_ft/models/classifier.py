@@ -16,7 +16,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from robustbench_ft.models.clip import LoadedCLIP, check_state_dict, create_architecture, read_state_dict
+from robustbench_ft.models.clip import (
+    CheckpointError, LoadedCLIP, check_state_dict, create_architecture, list_models, read_state_dict,
+)
 from robustbench_ft.models.zeroshot import zeroshot_weights
 from robustbench_ft.results import atomic_write_bytes, atomic_write_text
 
@@ -83,12 +85,12 @@ class Classifier(torch.nn.Module):
         if not sidecar.is_file():
             raise FileNotFoundError(f"{sidecar} is missing: a saved classifier is a .safetensors file plus its "
                                     "JSON sidecar (model name, class names)")
-        meta = json.loads(sidecar.read_text())
-        if meta.get("format") != SIDECAR_FORMAT:
-            raise ValueError(f"{sidecar} is not a robustbench-ft classifier sidecar")
+        meta = _read_sidecar(sidecar)
         info = ClassifierInfo(meta["model"], meta["classnames"], meta["templates"], meta.get("provenance", {}))
         visual = create_architecture(info.model)[0].visual
         state = read_state_dict(weights)
+        if "head.weight" not in state or state["head.weight"].ndim != 2:
+            raise CheckpointError(f"{weights} holds no 2-D 'head.weight': not a classifier saved by robustbench-ft")
         model = cls(visual, torch.zeros(meta["num_classes"], state["head.weight"].shape[1]), info)
         check_state_dict(model.state_dict(), state, str(weights))
         model.load_state_dict(state)
@@ -97,6 +99,25 @@ class Classifier(torch.nn.Module):
     def content_hash(self) -> str:
         """sha256 over every tensor (names, shapes, bytes): keys the logits cache."""
         return state_hash(self)
+
+
+def _read_sidecar(sidecar: Path) -> dict[str, Any]:
+    """The sidecar's fields, type-checked: a classifier file may come from anyone (``--finetuned``)."""
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{sidecar}: not a JSON classifier sidecar ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        raise CheckpointError(f"{sidecar} is not a robustbench-ft classifier sidecar")
+    strings = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)  # noqa: E731
+    if not (isinstance(meta.get("model"), str) and strings(meta.get("classnames")) and strings(meta.get("templates"))
+            and isinstance(meta.get("num_classes"), int) and 0 < meta["num_classes"] <= 1_000_000
+            and isinstance(meta.get("provenance", {}), dict)):
+        raise CheckpointError(f"{sidecar}: needs 'model' (string), 'classnames' and 'templates' (lists of strings), "
+                              f"'num_classes' (a positive integer) and optionally 'provenance' (an object)")
+    if meta["model"] not in list_models():
+        raise CheckpointError(f"{sidecar}: unknown model {meta['model'][:80]!r} (`robustbench-ft list models`)")
+    return meta
 
 
 def state_hash(module: torch.nn.Module) -> str:

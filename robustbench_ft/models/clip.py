@@ -142,7 +142,8 @@ def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
 
 
 def check_state_dict(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise CheckpointError naming the first keys that are missing, unexpected or differ in shape."""
+    """Raise CheckpointError naming the first keys that are missing, unexpected, differ in shape or
+    hold NaN/infinite values (a diverged or damaged checkpoint would otherwise train or score as NaN)."""
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
     shapes = [f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -157,6 +158,11 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], got: Mapping[str, tor
     if problems:
         raise CheckpointError(f"{source} does not match the model architecture: " + "; ".join(problems)
                               + ". Check --model matches the checkpoint.")
+    non_finite = [k for k, v in got.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if non_finite:
+        raise CheckpointError(f"{source}: tensor {non_finite[0]!r} holds NaN or infinite values"
+                              + (f" (and {len(non_finite) - 1} more tensor(s))" if len(non_finite) > 1 else "")
+                              + "; the checkpoint is damaged or its training diverged")
 
 
 def unknown_model_error(model: str) -> KeyError:

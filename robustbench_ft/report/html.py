@@ -143,6 +143,21 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
+def _skipped_lines(records: Sequence[ResultRecord]) -> list[str]:
+    """One line per dataset on which some record skipped unreadable samples: how many, and where."""
+    lines = []
+    for ds in dict.fromkeys(d for r in records for d in r.skipped_samples):
+        entry = max((r.skipped_samples[ds] for r in records if ds in r.skipped_samples),
+                    key=lambda e: int(e.get("count", 0)))
+        events = [e for e in entry.get("events", []) if isinstance(e, dict)][:5]
+        where = ", ".join(f"{e.get('shard')}" + (f":{e['key']}" if e.get("key") else f" ({e.get('count')} samples)")
+                          for e in events)
+        more = len(entry.get("events", [])) - len(events) + int(entry.get("events_omitted", 0) or 0)
+        lines.append(f"{ds}: {int(entry.get('count', 0))} sample(s) skipped" + (f" — {where}" if where else "")
+                     + (f" and {more} more place(s)" if more > 0 else ""))
+    return lines
+
+
 def _report_versions() -> dict[str, str]:
     out = {}
     for pkg in ("matplotlib", "jinja2", "scipy"):
@@ -257,6 +272,7 @@ def render_report(
         "baseline_accuracy": _accuracy_table(sorted(base_records, key=lambda r: r.score(reference)), reference,
                                              shifts, avg_shifts,
                                              with_alpha=False) if base_records else None,
+        "skipped": _skipped_lines(candidates),
         "er": er_table,
         "er_baselines": er_baselines,
         "baseline": baseline,
