@@ -151,6 +151,14 @@ def test_config_hash_ignores_output_locations_but_not_options(run_dirs, tmp_path
     assert a.hash() == b.hash() != c.hash()
 
 
+def test_config_hash_is_the_same_for_cli_strings_and_python_values():
+    """A run started from the CLI resumes from Python with the same settings, and vice versa."""
+    cli = RunConfig(method="wise-ft", method_options={"alpha": "0.5", "base_options": {"epochs": "2", "lr": "1e-4"}})
+    py = RunConfig(method="wise-ft", method_options={"alpha": 0.5, "base_options": {"epochs": 2, "lr": 1e-4}})
+    other = RunConfig(method="wise-ft", method_options={"alpha": 0.5, "base_options": {"epochs": 3, "lr": 1e-4}})
+    assert cli.hash() == py.hash() != other.hash()
+
+
 @pytest.mark.parametrize("flag", ["cache_dir", "results_dir", "data_root"])
 def test_unwritable_output_directory_fails_before_any_work(run_dirs, tmp_path, capsys, flag):
     blocker = tmp_path / "a-file"
@@ -198,3 +206,19 @@ def test_records_load_into_pandas(run_dirs):
     assert set(frame["role"]) == {"reference", "shift"}
     row = frame[(frame.candidate == "wise-ft α=0.50") & (frame.dataset == "synth")].iloc[0]
     assert row.score == out.records[2].metrics["synth"]["top1"] and row.tag_alpha == 0.5
+
+
+def test_prepare_suite_builds_every_buildable_split_in_parallel_like_in_sequence(tmp_path):
+    from robustbench_ft.data.registry import get_suite, prepare_suite
+    from robustbench_ft.data.shards import Manifest
+
+    suite = get_suite("synthetic")
+    logs: list[str] = []
+    built = prepare_suite(suite, tmp_path / "par", processes=2, log=logs.append)
+    assert sorted(built) == sorted(f"{d}/{s}" for d, s in suite.data_splits)
+    assert len(logs) == 1 and "in 2 processes" in logs[0]
+    assert prepare_suite(suite, tmp_path / "par", processes=2, log=logs.append) == []  # nothing left to build
+    prepare_suite(suite, tmp_path / "seq", processes=1, log=lambda m: None)
+    for dataset, split in suite.data_splits:
+        par = Manifest.load(tmp_path / "par" / dataset / split)
+        assert par.content_hash() == Manifest.load(tmp_path / "seq" / dataset / split).content_hash()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fcntl
+import multiprocessing
 import os
 import shutil
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from robustbench_ft.data.shards import Manifest, ShardError, verify_shards
+from robustbench_ft.data.shards import Manifest, ShardError, check_shard_files, verify_shards
 
 if TYPE_CHECKING:
     from robustbench_ft.data.convert import ConvertOptions
@@ -153,6 +154,12 @@ class Suite:
     def eval_datasets(self) -> tuple[str, ...]:
         return (self.reference, *self.shifts)
 
+    @property
+    def data_splits(self) -> tuple[tuple[str, str], ...]:
+        """Every (dataset, split) the suite reads: the evaluated test splits, train, and val if any."""
+        needed = [(d, "test") for d in self.eval_datasets] + [self.train] + ([self.val] if self.val else [])
+        return tuple(dict.fromkeys(needed))
+
 
 _DATASETS: dict[str, DatasetSpec] = {}
 _SUITES: dict[str, Suite] = {}
@@ -232,12 +239,14 @@ def _build_lock(target: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_dataset(spec: DatasetSpec, root: Path, split: str = "test", *, log=print) -> Path:
+def ensure_dataset(spec: DatasetSpec, root: Path, split: str = "test", *, log=print, damaged_ok: bool = False) -> Path:
     """Return the shard directory of a split, building it first when missing or incomplete.
 
     A split counts as built only when its manifest exists and every shard matches it in size; a
     directory left by an interrupted build has no manifest (it is written last) and is rebuilt.
     Builds go to a temporary sibling directory that is renamed into place when complete.
+    ``damaged_ok`` (``--on-bad-sample skip``): a split the harness cannot rebuild whose shards are
+    damaged is returned anyway, with a warning, for a reader that skips what it cannot read.
     """
     target = spec.path(root, split)
     if _is_complete(target):
@@ -248,6 +257,9 @@ def ensure_dataset(spec: DatasetSpec, root: Path, split: str = "test", *, log=pr
             try:
                 verify_shards(target, check_hashes=False)  # raises a ShardError naming what is wrong
             except ShardError as exc:
+                if damaged_ok and (target / "manifest.json").is_file():
+                    log(f"warning: {spec.name} ({split}) is damaged; unreadable samples will be skipped ({exc})")
+                    return target
                 if spec.converter is None:
                     raise
                 raise ShardError(f"{exc}. For {spec.name}, rerun `robustbench-ft shard {spec.name} --src RAW "
@@ -279,6 +291,40 @@ def ensure_dataset(spec: DatasetSpec, root: Path, split: str = "test", *, log=pr
     return target
 
 
+def prepare_suite(suite: Suite, root: Path, *, processes: int = 1, log=print) -> list[str]:
+    """Build, ``processes`` at a time, every split of ``suite`` the harness can build that is not built.
+
+    Builders are CPU-bound Python (image encoding, tar writing), so splits are built in forked worker
+    processes rather than threads; on the demo suite two processes halve the first run's data
+    preparation. Splits without a builder are left to :func:`ensure_dataset`, which explains how to
+    make them. Returns the ``dataset/split`` names that were built.
+    """
+    todo = [(dataset, split) for dataset, split in suite.data_splits
+            if split in get_dataset(dataset).builders and not _is_complete(get_dataset(dataset).path(root, split))]
+    names = [f"{dataset}/{split}" for dataset, split in todo]
+    processes = min(processes, len(todo))
+    if processes <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        for dataset, split in todo:
+            ensure_dataset(get_dataset(dataset), root, split, log=log)
+        return names
+    log(f"building {len(todo)} dataset splits under {root} in {processes} processes (first use; cached "
+        f"afterwards): {', '.join(names)}")
+    # fork, not spawn: children inherit the registry (plugins included) and skip re-importing torch
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        for _ in pool.imap_unordered(_build_split, [(dataset, split, str(root)) for dataset, split in todo]):
+            pass
+    return names
+
+
+def _build_split(job: tuple[str, str, str]) -> None:
+    dataset, split, root = job
+    ensure_dataset(get_dataset(dataset), Path(root), split, log=_silent)
+
+
+def _silent(message: str) -> None:
+    """Workers of :func:`prepare_suite` build quietly; the parent announced the builds."""
+
+
 def split_status(spec: DatasetSpec, root: Path, split: str) -> str:
     """Where one split stands under ``root``: "built", "incomplete" (shards without a manifest, e.g. a
     killed conversion: rerun it to resume), "on first use" (the harness builds it) or "missing"."""
@@ -292,18 +338,18 @@ def split_status(spec: DatasetSpec, root: Path, split: str) -> str:
 
 def suite_data_status(suite: Suite, root: Path) -> dict[str, list[str]]:
     """The suite's dataset splits (reference and shifts' test, train, val) grouped by :func:`split_status`."""
-    needed = [(d, "test") for d in suite.eval_datasets] + [suite.train] + ([suite.val] if suite.val else [])
     status: dict[str, list[str]] = {state: [] for state in ("built", "incomplete", "on first use", "missing")}
-    for dataset, split in dict.fromkeys(needed):
+    for dataset, split in suite.data_splits:
         status[split_status(get_dataset(dataset), root, split)].append(f"{dataset}/{split}")
     return {state: splits for state, splits in status.items() if splits}
 
 
 def _is_complete(directory: Path) -> bool:
-    if not (directory / "manifest.json").is_file():
-        return False
+    """A manifest, and every shard it lists present with its recorded size (the cheap check: reading
+    or hashing every shard on every run would cost minutes on ImageNet-scale sets; damage inside a
+    shard is caught while it is read, and by ``robustbench-ft verify``)."""
     try:
-        verify_shards(directory, check_hashes=False)
-    except ShardError:
+        check_shard_files(Manifest.load(directory), directory, "size")
+    except (ShardError, OSError, ValueError):
         return False
     return True
