@@ -132,7 +132,7 @@ def test_truncated_shard_is_caught_at_construction_and_while_streaming(tmp_path)
         ShardDataset(tmp_path)
 
     damaged = [
-        (full[: first.offset_data + 5], "unreadable after 0 samples .*cut off after 5 of"),
+        (full[: first.offset_data + 5], "unreadable after 0 samples"),  # inside the image data
         (full[: last.offset_data + 5], "unreadable after 0 samples"),
         (full[:boundary], "unreadable .*no end-of-archive marker"),
         (full[:boundary] + bytes(1024), "holds 1 samples but the manifest says 3"),  # a valid, shorter tar

@@ -251,3 +251,14 @@ def test_two_process_ddp_run_matches_one_process(run_dirs, tmp_path, method):
         assert metrics[dataset]["n"] == scores["n"]
         assert metrics[dataset]["top1"] == pytest.approx(scores["top1"], abs=1e-9)
     assert proc.stdout.count("records:") == 1  # rank 0 alone reports
+
+
+def test_cpu_training_keeps_loader_workers_off_the_cores_torch_computes_on(monkeypatch):
+    from robustbench_ft.methods.finetune import training_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert training_workers(4, torch.device("cpu")) == 0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    assert training_workers(4, torch.device("cpu")) == 2 and training_workers(1, torch.device("cpu")) == 1
+    assert training_workers(4, torch.device("cuda")) == 4  # GPU: the cores are free for loading

@@ -28,7 +28,6 @@ import hashlib
 import io
 import os
 import random
-import tarfile
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,7 +41,10 @@ from torch.utils.data import DataLoader, Dataset
 from robustbench_ft.results import atomic_write_bytes
 
 from .loader import decode_image
-from .shards import IMAGE_FORMATS, MANIFEST_FILE, REBUILD_HINT, Manifest, ShardError, check_shard_files
+from .shards import (
+    MANIFEST_FILE, REBUILD_HINT, Manifest, ShardError, TarFormatError, check_shard_files, image_member,
+    iter_shard_samples, parse_label, read_span,
+)
 
 INDEX_FILE = "sample-index.npz"
 _INDEX_VERSION = 1
@@ -67,45 +69,14 @@ def index_shard(path: Path, num_classes: int, expected_samples: int) -> list[tup
     """
     out: list[tuple[str, int, int, int]] = []
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            key: str | None = None
-            group: dict[str, tarfile.TarInfo] = {}
-
-            def close_group() -> None:
-                if key is None:
-                    return
-                images = [ext for ext in group if ext in IMAGE_FORMATS]
-                if len(images) != 1 or "cls" not in group:
-                    raise ShardError(f"shard {path}: sample {key!r} has members {sorted(group)}; expected one image "
-                                     f"({'/'.join(IMAGE_FORMATS)}) and a 'cls' label; {REBUILD_HINT}")
-                raw = tar.extractfile(group["cls"]).read()  # type: ignore[union-attr]
-                try:
-                    label = int(raw.decode("ascii").strip())
-                except (UnicodeDecodeError, ValueError):
-                    raise ShardError(f"shard {path}: sample {key!r} has label {raw!r}, not an integer; "
-                                     f"{REBUILD_HINT}") from None
-                if not 0 <= label < num_classes:
-                    raise ShardError(f"shard {path}: sample {key!r} has label {label} outside 0..{num_classes - 1}; "
-                                     f"{REBUILD_HINT}")
-                image = group[images[0]]
-                out.append((key, image.offset_data, image.size, label))
-
-            for member in tar:
-                if not member.isfile():
-                    raise ShardError(f"shard {path}: member {member.name!r} is not a regular file; {REBUILD_HINT}")
-                name, dot, ext = member.name.partition(".")
-                if not dot:
-                    raise ShardError(f"shard {path}: member {member.name!r} has no extension; {REBUILD_HINT}")
-                if name != key:
-                    close_group()
-                    key, group = name, {}
-                if ext in group:
-                    raise ShardError(f"shard {path}: sample {name!r} has two '{ext}' members; {REBUILD_HINT}")
-                group[ext] = member
-            close_group()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ShardError(f"shard {path} is unreadable after {len(out)} samples ({type(e).__name__}: {e}): it is "
-                         f"truncated or corrupt; {REBUILD_HINT}") from e
+        with open(path, "rb") as f:
+            for key, members in iter_shard_samples(f, path):
+                image = members[image_member(path, key, members)]
+                label = parse_label(path, key, read_span(f, members["cls"], f"member {key}.cls"), num_classes)
+                out.append((key, image[0], image[1], label))
+    except (TarFormatError, OSError) as e:
+        raise ShardError(f"shard {path} is unreadable after {len(out)} samples ({e}): it is truncated or corrupt; "
+                         f"{REBUILD_HINT}") from e
     if len(out) != expected_samples:
         raise ShardError(f"shard {path} holds {len(out)} samples but the manifest says {expected_samples}: it is "
                          f"truncated or was replaced; {REBUILD_HINT}")

@@ -538,7 +538,7 @@ def shard_problem(info: ShardInfo, directory: str | os.PathLike, verify: str = "
     return None
 
 
-class _TarFormatError(Exception):
+class TarFormatError(Exception):
     """A tar stream that is damaged or uses a feature shards never contain."""
 
 
@@ -567,7 +567,7 @@ def iter_tar_members(f: BinaryIO) -> Iterator[tuple[str, int, int]]:
     A small reader for what shards hold (ustar headers, PAX ``x``/``g`` records, GNU long names);
     it is several times faster than :mod:`tarfile` on archives of many small members, which is
     what shard verification and streaming spend their time on. Anything else (links,
-    directories, a bad checksum, a header cut off) raises :class:`_TarFormatError`; the data of a
+    directories, a bad checksum, a header cut off) raises :class:`TarFormatError`; the data of a
     member is not read here, so a cut inside the last member's data shows when it is read.
     """
     pending: dict[str, str] = {}
@@ -575,13 +575,13 @@ def iter_tar_members(f: BinaryIO) -> Iterator[tuple[str, int, int]]:
     while True:
         header = f.read(_BLOCK)
         if len(header) < _BLOCK:
-            raise _TarFormatError(f"unexpected end of file at byte {offset} (no end-of-archive marker)")
+            raise TarFormatError(f"unexpected end of file at byte {offset} (no end-of-archive marker)")
         offset += _BLOCK
         if header == bytes(_BLOCK):
             return
         checksum = _octal_field(header[148:156])
         if checksum != sum(header[:148]) + 256 + sum(header[156:]):
-            raise _TarFormatError(f"bad header checksum at byte {offset - _BLOCK}")
+            raise TarFormatError(f"bad header checksum at byte {offset - _BLOCK}")
         size = _octal_field(header[124:136])
         kind = header[156:157]
         data_offset = offset
@@ -589,7 +589,7 @@ def iter_tar_members(f: BinaryIO) -> Iterator[tuple[str, int, int]]:
         if kind in (b"x", b"g", b"L"):
             data = f.read(padded)
             if len(data) < padded:
-                raise _TarFormatError(f"unexpected end of file in an extended header at byte {offset}")
+                raise TarFormatError(f"unexpected end of file in an extended header at byte {offset}")
             offset += padded
             if kind == b"x":
                 pending.update(_pax_records(data[:size]))
@@ -604,10 +604,70 @@ def iter_tar_members(f: BinaryIO) -> Iterator[tuple[str, int, int]]:
         padded = size + (-size % _BLOCK)
         pending.clear()
         if kind not in (b"0", b"\x00"):
-            raise _TarFormatError(f"member {name!r} is not a regular file")
+            raise TarFormatError(f"member {name!r} is not a regular file")
         yield name, data_offset, size
         f.seek(data_offset + padded)
         offset = data_offset + padded
+
+
+MemberSpans = dict[str, tuple[int, int]]
+"""The members of one sample: extension -> (data offset, size) in the shard file."""
+
+
+def iter_shard_samples(f: BinaryIO, path: Path) -> Iterator[tuple[str, MemberSpans]]:
+    """``(key, members)`` of each sample of an open shard, in stored order, reading tar headers only.
+
+    Consecutive members sharing the part of their name before the first dot form one sample. Tar
+    damage raises :class:`TarFormatError`; a member without extension or a repeated extension
+    raises :class:`ShardError` naming the shard.
+    """
+    group: MemberSpans = {}
+    group_key: str | None = None
+    for name, offset, size in iter_tar_members(f):
+        key, dot, ext = name.partition(".")
+        if not dot:
+            raise ShardError(f"shard {path}: member {name!r} has no extension; {REBUILD_HINT}")
+        if key != group_key:
+            if group_key is not None:
+                yield group_key, group
+            group_key, group = key, {}
+        if ext in group:
+            raise ShardError(f"shard {path}: sample {key!r} has two '{ext}' members; {REBUILD_HINT}")
+        group[ext] = (offset, size)
+    if group_key is not None:
+        yield group_key, group
+
+
+def read_span(f: BinaryIO, span: tuple[int, int], what: str) -> bytes:
+    """The bytes of one member (``what`` names it in the error when the file ends early)."""
+    offset, size = span
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) < size:
+        raise TarFormatError(f"{what} is cut off after {len(data)} of {size} bytes")
+    return data
+
+
+def image_member(path: Path, key: str, members: Iterable[str]) -> str:
+    """The image extension of a sample, which must have exactly one image and a ``cls`` label."""
+    image_exts = [ext for ext in members if ext in IMAGE_FORMATS]
+    if len(image_exts) != 1 or "cls" not in members:
+        raise ShardError(
+            f"shard {path}: sample {key!r} has members {sorted(members)}; expected one image "
+            f"({'/'.join(IMAGE_FORMATS)}) and a 'cls' label (truncated or foreign shard?); {REBUILD_HINT}"
+        )
+    return image_exts[0]
+
+
+def parse_label(path: Path, key: str, raw: bytes, num_classes: int) -> int:
+    """A sample's ``.cls`` member as a class index in ``0..num_classes-1``."""
+    try:
+        label = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ShardError(f"shard {path}: sample {key!r} has label {raw!r}, not an integer; {REBUILD_HINT}") from None
+    if not 0 <= label < num_classes:
+        raise ShardError(f"shard {path}: sample {key!r} has label {label} outside 0..{num_classes - 1}; {REBUILD_HINT}")
+    return label
 
 
 def read_shard(path: Path, num_classes: int, expected_samples: int | None = None, *,
@@ -626,27 +686,11 @@ def read_shard(path: Path, num_classes: int, expected_samples: int | None = None
     count = 0
     try:
         with open(path, "rb") as f:
-            group: dict[str, bytes] = {}
-            group_key: str | None = None
-            for name, offset, size in iter_tar_members(f):
-                key, dot, ext = name.partition(".")
-                if not dot:
-                    raise ShardError(f"shard {path}: member {name!r} has no extension; {REBUILD_HINT}")
-                if key != group_key:
-                    if group_key is not None:
-                        yield _sample_or_bad(path, group_key, group, num_classes, keep_bad)
-                        count += 1
-                    group_key, group = key, {}
-                if ext in group:
-                    raise ShardError(f"shard {path}: sample {key!r} has two '{ext}' members; {REBUILD_HINT}")
-                data = f.read(size)
-                if len(data) < size:
-                    raise _TarFormatError(f"member {name!r} is cut off after {len(data)} of {size} bytes")
-                group[ext] = data
-            if group_key is not None:
-                yield _sample_or_bad(path, group_key, group, num_classes, keep_bad)
+            for key, members in iter_shard_samples(f, path):
+                data = {ext: read_span(f, span, f"member {key}.{ext}") for ext, span in members.items()}
+                yield _sample_or_bad(path, key, data, num_classes, keep_bad)
                 count += 1
-    except (_TarFormatError, ValueError, UnicodeDecodeError, OSError) as e:
+    except (TarFormatError, ValueError, UnicodeDecodeError, OSError) as e:
         raise ShardError(
             f"shard {path} is unreadable after {count} samples ({e}): it is truncated or corrupt; {REBUILD_HINT}"
         ) from e
@@ -668,27 +712,15 @@ def _sample_or_bad(path: Path, key: str, group: dict[str, bytes], num_classes: i
 
 
 def _make_sample(path: Path, key: str, group: dict[str, bytes], num_classes: int) -> RawSample:
-    image_exts = [ext for ext in group if ext in IMAGE_FORMATS]
-    if len(image_exts) != 1 or "cls" not in group:
-        raise ShardError(
-            f"shard {path}: sample {key!r} has members {sorted(group)}; expected one image "
-            f"({'/'.join(IMAGE_FORMATS)}) and a 'cls' label (truncated or foreign shard?); {REBUILD_HINT}"
-        )
-    try:
-        label = int(group["cls"].decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise ShardError(
-            f"shard {path}: sample {key!r} has label {group['cls']!r}, not an integer; {REBUILD_HINT}"
-        ) from None
-    if not 0 <= label < num_classes:
-        raise ShardError(f"shard {path}: sample {key!r} has label {label} outside 0..{num_classes - 1}; {REBUILD_HINT}")
+    image_ext = image_member(path, key, group)
+    label = parse_label(path, key, group["cls"], num_classes)
     meta = None
     if "json" in group:
         try:
             meta = json.loads(group["json"])
         except ValueError as e:
             raise ShardError(f"shard {path}: sample {key!r} has unparsable metadata ({e}); {REBUILD_HINT}") from e
-    return RawSample(key, group[image_exts[0]], image_exts[0], label, meta)
+    return RawSample(key, group[image_ext], image_ext, label, meta)
 
 
 def verify_shards(directory: str | os.PathLike, check_hashes: bool = True) -> Manifest:

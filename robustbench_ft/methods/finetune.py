@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -75,7 +76,19 @@ def training_batches(ctx: MethodContext, batch_size: int) -> TrainingBatches:
     world, directory = distributed.world(), ctx.split_dir("train")
     with distributed.main_first():  # rank 0 indexes the shards (once per set), the others read its index file
         return TrainingBatches(directory, ctx.clip.preprocess_train, batch_size, seed=ctx.config.seed,
-                               workers=ctx.config.workers, rank=world.rank, world_size=world.world_size)
+                               workers=training_workers(ctx.config.workers, ctx.clip.device),
+                               rank=world.rank, world_size=world.world_size)
+
+
+def training_workers(requested: int, device: torch.device) -> int:
+    """DataLoader workers for training: ``requested``, except on CPU, where the model's threads already
+    occupy every core torch uses and loader processes beyond the cores left free only contend with
+    them (demo fine-tuning on 2 cores: 0.59 s/step with 2 workers, 0.46 s/step loading in-process).
+    The batches are the same for any worker count, so this changes speed only."""
+    if device.type != "cpu":
+        return requested
+    free = len(os.sched_getaffinity(0)) - torch.get_num_threads()
+    return min(requested, max(0, free))
 
 
 def run_training(ctx: MethodContext, model: torch.nn.Module, opts: ScheduleOptions, objective: Objective,
