@@ -33,12 +33,17 @@ class RunConfig:
     trust_pickle: bool = False
     on_bad_sample: str = "error"   # unreadable evaluation samples: "error" stops naming them, "skip" leaves them out
     checkpoint_every: int = 500    # fine-tuning saves a resumable training state every N steps (0 = never)
+    decode: str = "auto"           # evaluation decode path: auto | device (GPU nvJPEG) | fast | reference
+    draft_factor: float | None = None  # JPEG DCT-domain downscaling while >= factor x the resize (opt-in)
+    compile: bool = False          # torch.compile the evaluated models
 
     # Fields that change where things go or how fast, not what is computed: left out of the hash.
     # on_bad_sample too: it changes nothing on intact data (a skip-mode run must not retrain a cached
     # checkpoint), and a record that skipped samples says so itself (ResultRecord.skipped_samples).
+    # decode too: its paths agree within one grey level (docs/performance.md); draft_factor does not, so it is hashed.
     _NOT_HASHED = frozenset({"data_root", "cache_dir", "results_dir", "reports_dir", "eval_batch_size", "workers",
-                             "device", "run_name", "report", "trust_pickle", "on_bad_sample", "checkpoint_every"})
+                             "device", "run_name", "report", "trust_pickle", "on_bad_sample", "checkpoint_every",
+                             "decode", "compile"})
 
     def __post_init__(self) -> None:
         if self.eval_batch_size < 1:
@@ -47,6 +52,12 @@ class RunConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0 = never), got {self.checkpoint_every}")
+        from robustbench_ft.evaluate import DECODE_MODES
+
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
+        if self.draft_factor is not None and self.draft_factor < 1:
+            raise ValueError(f"draft_factor must be >= 1 (or unset), got {self.draft_factor}")
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
 

@@ -174,7 +174,8 @@ def _evaluate_all(candidates: list[Candidate], specs, dirs, transform, config: R
                                 precision=config.precision, progress=progress, desc=f"eval {name}",
                                 keep_meta=bool(metrics_mod.NEEDS_META & {spec.metric, *spec.extra_metrics}),
                                 num_outputs=len(specs[reference].classnames), on_bad=config.on_bad_sample,
-                                features=features)
+                                features=features, decode=config.decode, draft_factor=config.draft_factor,
+                                compile_model=config.compile)
         seconds[name] = preds.seconds
         if preds.skipped:
             unread[name] = preds.skipped

@@ -222,3 +222,17 @@ def test_prepare_suite_builds_every_buildable_split_in_parallel_like_in_sequence
     for dataset, split in suite.data_splits:
         par = Manifest.load(tmp_path / "par" / dataset / split)
         assert par.content_hash() == Manifest.load(tmp_path / "seq" / dataset / split).content_hash()
+
+
+def test_decode_paths_from_the_config_agree_and_bad_values_are_refused(run_dirs):
+    scores = {}
+    for decode in ("reference", "fast"):
+        out = run(RunConfig(method="zeroshot", decode=decode, run_name=decode, **TINY, **run_dirs), progress=False,
+                  log=lambda m: None)  # a run of its own: records of one config are otherwise reused
+        scores[decode] = {d: m["top1"] for d, m in out.records[0].metrics.items()}
+        assert out.records[0].config["decode"] == decode
+    assert scores["reference"] == scores["fast"]
+    with pytest.raises(ValueError, match="decode must be one of"):
+        RunConfig(decode="gpu")
+    with pytest.raises(ValueError, match="draft_factor must be >= 1"):
+        RunConfig(draft_factor=0.5)

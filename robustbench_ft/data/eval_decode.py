@@ -145,7 +145,8 @@ class CPUDecoder:
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # HWC memory: torchvision's fast layout
         size = self.spec.output_size(original[1], original[0])
         out = resize_crop(pixels, self.spec, size)
-        return self.spec.normalize(out[None])[0] if self.normalize else out
+        # contiguous first: the float ops run ~2x faster than on the HWC-strided resize output (same values)
+        return self.spec.normalize(out.contiguous()[None])[0] if self.normalize else out
 
 
 
