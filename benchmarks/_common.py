@@ -102,6 +102,12 @@ def make_shards(src: Path, out: Path, resize_shorter: int | None = None, workers
     return out
 
 
+def benchmark_images(args: argparse.Namespace, work: Path, workers: int = 2) -> tuple[Path, Path]:
+    """The run's synthetic ImageFolder tree (``args.images`` of ``args.image_size``) and its full-size shards."""
+    folder = make_imagefolder(work / f"folder-{args.image_size}-{args.images}", args.images, args.image_size)
+    return folder, make_shards(folder, work / f"shards-full-{args.image_size}-{args.images}", workers=workers)
+
+
 def load_model(name: str):
     """An open_clip model with random weights (the benchmark ViT-Ti/32 config registered on first use)."""
     import open_clip

@@ -42,8 +42,7 @@ def main() -> None:
     args = common.parser(__doc__.splitlines()[0], images=128, quick_images=24).parse_args()
     work = common.setup(args)
     clip = common.load_model(args.model)
-    folder = common.make_imagefolder(work / f"folder-{args.image_size}-{args.images}", args.images, args.image_size)
-    shards = common.make_shards(folder, work / f"shards-full-{args.image_size}-{args.images}")
+    folder, shards = common.benchmark_images(args, work)
     n = Manifest.load(shards).num_samples
     candidates = wise_ft_candidates(clip)
     kw = dict(batch_size=args.batch_size, workers=args.workers, progress=False, verify="size")

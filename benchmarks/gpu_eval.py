@@ -33,8 +33,7 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_eval.py: no CUDA device here; run it on a GPU machine (or --device cpu --quick to smoke-test)")
     work = common.setup(args)
-    folder = common.make_imagefolder(work / f"folder-{args.image_size}-{args.images}", args.images, args.image_size)
-    shards = common.make_shards(folder, work / f"shards-full-{args.image_size}-{args.images}", workers=args.workers)
+    _, shards = common.benchmark_images(args, work, workers=args.workers)
     decode = "device" if args.device.startswith("cuda") else "fast"
     print(f"== {args.images} JPEGs {args.image_size}, batch {args.batch_size}, {args.workers} workers, "
           f"{args.precision}, compile={args.compile}, device {torch.cuda.get_device_name() if decode == 'device' else 'cpu'}")

@@ -26,8 +26,7 @@ def main() -> None:
     args = common.parser(__doc__.splitlines()[0], images=256, quick_images=32).parse_args()
     work = common.setup(args)
     clip = common.load_model(args.model)
-    folder = common.make_imagefolder(work / f"folder-{args.image_size}-{args.images}", args.images, args.image_size)
-    shards = common.make_shards(folder, work / f"shards-full-{args.image_size}-{args.images}")
+    _, shards = common.benchmark_images(args, work)
     zeroshot = Classifier.zeroshot(clip, [f"class{i:03d}" for i in range(10)], ["a photo of a {}."])
     probe = Classifier(zeroshot.visual, torch.randn_like(zeroshot.head.weight), zeroshot.info)  # a linear probe
     sweep = {f"α={a:.1f}": interpolate(zeroshot, probe, float(a)) for a in np.linspace(0, 1, 11)}
