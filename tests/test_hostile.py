@@ -125,26 +125,37 @@ def _paths(node, prefix=()) -> list[tuple]:
 PATHS = _paths(BASE)[1:]
 
 
-@st.composite
-def mutated_bundles(draw) -> dict:
-    data = copy.deepcopy(BASE)
+def _mutate(draw, base: dict, paths: list[tuple], extra_ops: dict | None = None) -> dict:
+    """A deep copy of ``base`` with 1-3 random mutations: replace a value (with anything from VALUE),
+    delete a key, or one of ``extra_ops`` (name -> function(draw, data))."""
+    data = copy.deepcopy(base)
+    ops = ["replace", "replace", "delete", *(extra_ops or {})]
     for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(PATHS))
+        path = draw(st.sampled_from(paths))
         parent = data
         try:
             for part in path[:-1]:
                 parent = parent[part]
-            op = draw(st.sampled_from(["replace", "replace", "delete", "add-dataset"]))
+            op = draw(st.sampled_from(ops))
             if op == "replace":
                 parent[path[-1]] = draw(VALUE)
             elif op == "delete" and isinstance(parent, dict):
                 del parent[path[-1]]
-            elif op == "add-dataset":
-                record = data["records"][draw(st.integers(0, len(data["records"]) - 1))]
-                record["metrics"][draw(UNKNOWN_DATASETS)] = {"top1": draw(NUMBER), "n": draw(NUMBER)}
+            elif op in (extra_ops or {}):
+                extra_ops[op](draw, data)
         except (KeyError, IndexError, TypeError):
             pass  # an earlier mutation removed or retyped this path
     return data
+
+
+def _add_unknown_dataset(draw, data: dict) -> None:
+    record = data["records"][draw(st.integers(0, len(data["records"]) - 1))]
+    record["metrics"][draw(UNKNOWN_DATASETS)] = {"top1": draw(NUMBER), "n": draw(NUMBER)}
+
+
+@st.composite
+def mutated_bundles(draw) -> dict:
+    return _mutate(draw, BASE, PATHS, {"add-dataset": _add_unknown_dataset})
 
 
 def _assert_no_markup(text: str) -> None:
@@ -199,20 +210,7 @@ RECORD_PATHS = _paths(RECORD_BASE)[1:]
 
 @st.composite
 def mutated_records(draw) -> dict:
-    data = copy.deepcopy(RECORD_BASE)
-    for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(RECORD_PATHS))
-        parent = data
-        try:
-            for part in path[:-1]:
-                parent = parent[part]
-            if draw(st.booleans()) and isinstance(parent, dict):
-                del parent[path[-1]]
-            else:
-                parent[path[-1]] = draw(VALUE)
-        except (KeyError, IndexError, TypeError):
-            pass
-    return data
+    return _mutate(draw, RECORD_BASE, RECORD_PATHS)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
