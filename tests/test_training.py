@@ -24,7 +24,7 @@ from robustbench_ft.data.shards import ShardError, write_shards
 from robustbench_ft.evaluate import evaluate
 from robustbench_ft.methods.flyp import CaptionedContrastiveLoss
 from robustbench_ft.methods.training import (
-    Batch, OptimConfig, Step, cross_entropy, mean_loss, train,
+    Batch, Checkpointing, OptimConfig, Step, cross_entropy, mean_loss, train,
 )
 from robustbench_ft.models import load_clip
 from robustbench_ft.models.classifier import Classifier
@@ -132,6 +132,34 @@ def test_accumulated_micro_batches_give_the_update_of_one_big_batch():
     for accum in (2, 4):
         for a, b in zip(weights[1], weights[accum]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_saved_state_for_another_model_is_refused_naming_the_file(tmp_path):
+    torch.manual_seed(0)
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, warmup_steps=1, grad_clip=1.0, total_steps=3)
+    keep = Checkpointing(tmp_path / "run.training.pt", every=1)
+    small = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    with pytest.raises(RuntimeError, match="stop"):  # stop after the state of step 1 is saved
+        train(small, _FixedData(_tiny_batches()), cfg, _stop_at_step(mean_loss(cross_entropy()), 2),
+              device=torch.device("cpu"), progress=False, checkpointing=keep)
+    assert keep.path.is_file()
+    other = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(ValueError, match=r"run\.training\.pt does not fit this run .*delete the file"):
+        train(other, _FixedData(_tiny_batches()), cfg, mean_loss(cross_entropy()), device=torch.device("cpu"),
+              progress=False, checkpointing=keep)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))  # nothing half-loaded
+
+
+def _stop_at_step(objective, step: int):
+    calls = iter(range(10**6))
+
+    def stopping(ctx, batch):
+        if next(calls) == step:
+            raise RuntimeError("stop")
+        return objective(ctx, batch)
+
+    return stopping
 
 
 def test_flyp_accumulation_keeps_every_negative_and_counts_the_temperature_once():

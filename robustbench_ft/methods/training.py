@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from robustbench_ft import distributed
-from robustbench_ft.models.clip import autocast
+from robustbench_ft.models.clip import CheckpointError, autocast, check_state_dict
 from robustbench_ft.results import atomic_write_bytes
 
 STATE_FORMAT = "robustbench-ft-training-state"
@@ -235,9 +235,14 @@ def _load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     if state["fingerprint"] != fingerprint:
         raise ValueError(f"{path} was saved for another schedule ({state['fingerprint']}, now {fingerprint}): the "
                          "training data changed since; delete the file to train from the start")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["cpu"])
+    try:  # a state of the right schedule but another model (or edited by hand): refuse, naming the file
+        check_state_dict(model.state_dict(), state["model"], str(path))
+        optimizer.load_state_dict(state["optimizer"])
+        model.load_state_dict(state["model"])
+        torch.set_rng_state(state["rng"]["cpu"])
+    except (CheckpointError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"training state {path} does not fit this run ({exc}); delete the file to train from the "
+                         "start") from exc
     if device.type == "cuda" and state["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(state["rng"]["cuda"], device)
     log(f"resuming from step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']}) of {path}")
