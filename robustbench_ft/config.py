@@ -5,6 +5,7 @@ import hashlib
 import json
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,25 @@ def stable_hash(obj: Any) -> str:
 def pretrained_identity(model: str, pretrained: str) -> str:
     """A tag stays a tag; a file (local or bundled) is identified by its content, not its path."""
     bundled = BUNDLED_WEIGHTS.get((model, pretrained))
-    path = bundled if bundled is not None else Path(pretrained)
-    if (bundled is not None or path.suffix in CHECKPOINT_SUFFIXES) and path.is_file():
-        return f"sha256:{file_sha256(path)}"
-    return pretrained
+    return content_identity(str(bundled) if bundled is not None else pretrained)
+
+
+def content_identity(value: Any) -> Any:
+    """A checkpoint file named by ``value`` as ``sha256:<digest>`` of its content; any other value as it is.
+
+    Config hashes use it for ``--pretrained`` and for method options naming checkpoints (WiSE-FT's
+    ``--finetuned``): the same path holding other weights is another run, and a copy elsewhere is the same.
+    """
+    if not isinstance(value, str):
+        return value
+    path = Path(value)
+    if path.suffix not in CHECKPOINT_SUFFIXES or not path.is_file():
+        return value
+    stat = path.stat()
+    return _file_digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=64)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    """Hashed once per file version (a config hash is taken several times per run; checkpoints are large)."""
+    return f"sha256:{file_sha256(Path(path))}"

@@ -159,6 +159,26 @@ def test_config_hash_is_the_same_for_cli_strings_and_python_values():
     assert cli.hash() == py.hash() != other.hash()
 
 
+def test_config_hash_follows_the_content_of_a_finetuned_checkpoint_not_its_path(tmp_path):
+    import os
+    import shutil
+
+    ckpt = tmp_path / "a" / "ft.safetensors"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"weights v1")
+
+    def config_hash(path) -> str:
+        return RunConfig(method="wise-ft", method_options={"finetuned": str(path)}).hash()
+
+    first = config_hash(ckpt)
+    copy = tmp_path / "b.safetensors"
+    shutil.copy(ckpt, copy)
+    assert config_hash(copy) == first  # the same weights elsewhere: the same run
+    ckpt.write_bytes(b"weights v2")
+    os.utime(ckpt, ns=(1, 1))  # a new version even where the clock is coarse
+    assert config_hash(ckpt) != first  # other weights at the same path: another run
+
+
 @pytest.mark.parametrize("flag", ["cache_dir", "results_dir", "data_root"])
 def test_unwritable_output_directory_fails_before_any_work(run_dirs, tmp_path, capsys, flag):
     blocker = tmp_path / "a-file"

@@ -47,8 +47,10 @@ class MethodSpec:
         """The given option values as the options dataclass reads them, for hashing a config: ``--epochs 2``
         on the CLI and ``{"epochs": 2}`` from Python are the same run. A ``base_options`` dict (WiSE-FT,
         soups) holds options of the method named by ``base`` and is made canonical by that method."""
+        from robustbench_ft.config import content_identity
+
         options = self.make_options(values)
-        out = {k: getattr(options, k) for k in values}
+        out = {k: content_identity(getattr(options, k)) for k in values}
         if isinstance(out.get("base_options"), dict):
             out["base_options"] = get_method(options.base).canonical_options(out["base_options"])
         return out
