@@ -357,3 +357,29 @@ def test_member_reader_refuses_links_and_bad_checksums(tmp_path):
     path.write_bytes(bytes(data))
     with open(path, "rb") as f, pytest.raises(Exception, match="bad header checksum"):
         list(iter_tar_members(f))
+
+
+def test_hash_check_reads_a_shard_once_per_version_and_verify_always_rereads(tmp_path, monkeypatch):
+    from robustbench_ft.data import shards as shards_mod
+
+    manifest = _build(tmp_path)
+    hashed: list[str] = []
+    real = shards_mod.file_sha256
+    monkeypatch.setattr(shards_mod, "file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    monkeypatch.setattr(shards_mod, "_verified", {})
+    shards_mod.check_shard_files(manifest, tmp_path, "hash")
+    assert sorted(hashed) == sorted(s.name for s in manifest.shards) and (tmp_path / ".verified.json").is_file()
+    monkeypatch.setattr(shards_mod, "_verified", {})  # a new process: the stamp file remembers
+    shards_mod.check_shard_files(manifest, tmp_path, "hash")
+    assert len(hashed) == len(manifest.shards)
+
+    shard = tmp_path / manifest.shards[0].name
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # same size, new content (and mtime): hashed again, and caught
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"{shard.name} is corrupt"):
+        shards_mod.check_shard_files(manifest, tmp_path, "hash")
+    shard.write_bytes(bytes(data[:700]) + bytes([data[700] ^ 0xFF]) + bytes(data[701:]))
+    before = len(hashed)
+    verify_shards(tmp_path)  # the explicit check hashes every shard, remembered or not
+    assert len(hashed) == before + len(manifest.shards)
