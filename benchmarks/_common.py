@@ -169,18 +169,11 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def _rss_anon_kib() -> int:
+def _status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (e.g. "RssAnon", "VmHWM"), in KiB; 0 if absent."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _hwm_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     return 0
 
@@ -193,15 +186,15 @@ def peak_memory(interval: float = 0.02) -> Iterator[dict]:
     cache files are page cache the kernel reclaims, so they are reported apart (``hwm_mib`` is the
     kernel's peak resident set, file pages included). DataLoader workers are separate processes.
     """
-    out = {"peak_anon_mib": 0.0, "start_anon_mib": _rss_anon_kib() / 1024}
+    out = {"peak_anon_mib": 0.0, "start_anon_mib": _status_kib("RssAnon") / 1024}
     stop = threading.Event()
 
     def sample() -> None:
         peak = 0
         while not stop.is_set():
-            peak = max(peak, _rss_anon_kib())
+            peak = max(peak, _status_kib("RssAnon"))
             stop.wait(interval)
-        out["peak_anon_mib"] = max(peak, _rss_anon_kib()) / 1024
+        out["peak_anon_mib"] = max(peak, _status_kib("RssAnon")) / 1024
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -210,7 +203,7 @@ def peak_memory(interval: float = 0.02) -> Iterator[dict]:
     finally:
         stop.set()
         thread.join()
-        out["hwm_mib"] = _hwm_kib() / 1024
+        out["hwm_mib"] = _status_kib("VmHWM") / 1024
 
 
 def conditions() -> str:

@@ -19,7 +19,7 @@ import torch
 
 from robustbench_ft import distributed
 from robustbench_ft.config import RunConfig, stable_hash
-from robustbench_ft.data.registry import ensure_dataset, get_dataset, get_suite, prepare_suite
+from robustbench_ft.data.registry import ensure_dataset, get_dataset, get_suite, prepare_suite, silent
 from robustbench_ft.data.shards import Manifest
 from robustbench_ft.evaluate import LogitsCache, evaluate_cached
 from robustbench_ft.methods.base import Candidate, MethodContext
@@ -44,12 +44,8 @@ def run(config: RunConfig, *, progress: bool = True, log: Callable[[str], None] 
     """Run a method on a suite and write its records (and report). See the module docstring."""
     with distributed.process_group(config.device) as world:
         if not world.is_main:  # one voice: rank 0 reports for all
-            progress, log = False, _quiet
+            progress, log = False, silent
         return _run(config, progress=progress, log=log)
-
-
-def _quiet(message: str) -> None:
-    """The log of ranks other than 0."""
 
 
 def _run(config: RunConfig, *, progress: bool, log: Callable[[str], None]) -> RunOutcome:

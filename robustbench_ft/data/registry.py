@@ -318,11 +318,11 @@ def prepare_suite(suite: Suite, root: Path, *, processes: int = 1, log=print) ->
 
 def _build_split(job: tuple[str, str, str]) -> None:
     dataset, split, root = job
-    ensure_dataset(get_dataset(dataset), Path(root), split, log=_silent)
+    ensure_dataset(get_dataset(dataset), Path(root), split, log=silent)  # the parent announced the builds
 
 
-def _silent(message: str) -> None:
-    """Workers of :func:`prepare_suite` build quietly; the parent announced the builds."""
+def silent(message: str) -> None:
+    """A log that says nothing (build workers of :func:`prepare_suite`; ranks other than 0 under torchrun)."""
 
 
 def split_status(spec: DatasetSpec, root: Path, split: str) -> str:
