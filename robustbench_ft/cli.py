@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from robustbench_ft.config import RunConfig
+from robustbench_ft.typed import field_hints, from_text
 
 RUN_FLAGS = [f for f in dataclasses.fields(RunConfig) if f.name != "method_options"]
 
@@ -21,7 +22,7 @@ def _flag(name: str) -> str:
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML run config; flags override its values")
-    hints = typing.get_type_hints(RunConfig)
+    hints = field_hints(RunConfig)
     for f in RUN_FLAGS:
         if hints[f.name] is bool:
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None,
@@ -48,8 +49,21 @@ def _add_method_flags(p: argparse.ArgumentParser, method: str, seen: set[str]) -
     return added
 
 
-def _run_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, list[str], list[str]]:
+@dataclasses.dataclass
+class _RunFlags:
+    """The run parser and which method (and base method) each option flag belongs to."""
+
+    parser: argparse.ArgumentParser
+    method: str
+    own: list[str]
+    base: str | None = None
+    base_own: list[str] = dataclasses.field(default_factory=list)
+
+
+def _run_parser(argv: Sequence[str]) -> _RunFlags:
     """Two-phase parse: the chosen method (and WiSE-FT's base) decide which option flags exist."""
+    from robustbench_ft.methods.registry import get_method
+
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--method")
     peek.add_argument("--base")
@@ -58,37 +72,52 @@ def _run_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, list[str]
     method = known.method
     if method is None and known.config is not None and known.config.is_file():
         method = RunConfig.from_toml(known.config).method
-    method = method or RunConfig.method
+    method = get_method(method or RunConfig.method).name
     p = argparse.ArgumentParser(prog="robustbench-ft run", description="Fine-tune (where the method needs it), "
                                 "evaluate every candidate on every dataset of the suite, write records and a report.")
     _add_run_flags(p)
     seen: set[str] = set()
-    own = _add_method_flags(p, method, seen)
-    base_opts: list[str] = []
+    flags = _RunFlags(p, method, _add_method_flags(p, method, seen))
+    fields = {f.name: f for f in dataclasses.fields(get_method(method).options)}
+    if "base_options" in fields:
+        flags.base = get_method(known.base or fields["base"].default).name
+        flags.base_own = _add_method_flags(p, flags.base, seen)
+    return flags
+
+
+def _method_flags(args: argparse.Namespace, names: list[str], method: str | None) -> dict[str, Any]:
+    """The option flags given for ``method``, parsed from text as its options dataclass declares them."""
     from robustbench_ft.methods.registry import get_method
+    from robustbench_ft.typed import field_hints, from_text
 
-    if any(f.name == "base_options" for f in dataclasses.fields(get_method(method).options)):
-        base = known.base or next(f.default for f in dataclasses.fields(get_method(method).options) if f.name == "base")
-        base_opts = _add_method_flags(p, base, seen)
-    return p, own, base_opts
+    if method is None:
+        return {}
+    hints = field_hints(get_method(method).options)
+    given = {k: getattr(args, f"opt__{k}") for k in names if getattr(args, f"opt__{k}") is not None}
+    return {k: from_text(v, hints[k], k) for k, v in given.items()}
 
 
-def cmd_run(argv: Sequence[str]) -> int:
-    parser, own, base_opts = _run_parser(argv)
-    args = parser.parse_args(argv)
+def run_config_from_argv(argv: Sequence[str]) -> RunConfig:
+    """The RunConfig that ``robustbench-ft run ARGV`` runs: flags parsed as their fields declare, over
+    the ``--config`` file if one is given."""
+    flags = _run_parser(argv)
+    args = flags.parser.parse_args(argv)
     overrides: dict[str, Any] = {}
-    hints = typing.get_type_hints(RunConfig)
+    hints = field_hints(RunConfig)
     for f in RUN_FLAGS:
         value = getattr(args, f.name)
         if value is not None:
-            overrides[f.name] = _coerce(f.name, value, hints[f.name])
-    options = {k: getattr(args, f"opt__{k}") for k in own if getattr(args, f"opt__{k}") is not None}
-    base = {k: getattr(args, f"opt__{k}") for k in base_opts if getattr(args, f"opt__{k}") is not None}
+            overrides[f.name] = from_text(value, hints[f.name], f.name)
+    options = _method_flags(args, flags.own, flags.method)
+    base = _method_flags(args, flags.base_own, flags.base)
     if base:
         options["base_options"] = base
     overrides["method_options"] = options
-    config = RunConfig.from_toml(args.config, **overrides) if args.config else RunConfig(**overrides)
+    return RunConfig.from_toml(args.config, **overrides) if args.config else RunConfig(**overrides)
 
+
+def cmd_run(argv: Sequence[str]) -> int:
+    config = run_config_from_argv(argv)
     from robustbench_ft.runner import run
 
     outcome = run(config)
@@ -99,12 +128,6 @@ def cmd_run(argv: Sequence[str]) -> int:
     if outcome.report:
         print(f"report:  {outcome.report}")
     return 0
-
-
-def _coerce(name: str, value: str, hint: Any) -> Any:
-    from robustbench_ft.methods.registry import parse_option
-
-    return parse_option(name, value, hint)
 
 
 def print_summary(records: list) -> None:

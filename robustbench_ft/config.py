@@ -7,10 +7,16 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from robustbench_ft.data.shards import file_sha256
 from robustbench_ft.models.clip import BUNDLED_WEIGHTS, CHECKPOINT_SUFFIXES
+from robustbench_ft.typed import ConfigError, check, check_fields
+
+Precision = Literal["fp32", "amp_bf16"]
+DecodeMode = Literal["auto", "device", "fast", "reference"]
+OnBadSample = Literal["error", "skip"]
+DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
 
 
 @dataclass(frozen=True)
@@ -27,14 +33,14 @@ class RunConfig:
     eval_batch_size: int = 256     # evaluation batch size (the training batch size is a method option)
     workers: int = 2
     device: str = "auto"
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     seed: int = 0
     run_name: str | None = None
     report: bool = True
     trust_pickle: bool = False
-    on_bad_sample: str = "error"   # unreadable evaluation samples: "error" stops naming them, "skip" leaves them out
+    on_bad_sample: OnBadSample = "error"  # unreadable evaluation samples: "error" stops naming them, "skip" leaves them out
     checkpoint_every: int = 500    # fine-tuning saves a resumable training state every N steps (0 = never)
-    decode: str = "auto"           # evaluation decode path: auto | device (GPU nvJPEG) | fast | reference
+    decode: DecodeMode = "auto"    # evaluation decode path: auto | device (GPU nvJPEG) | fast | reference
     draft_factor: float | None = None  # JPEG DCT-domain downscaling while >= factor x the resize (opt-in)
     compile: bool = False          # torch.compile the evaluated models
 
@@ -47,20 +53,15 @@ class RunConfig:
                              "decode", "compile"})
 
     def __post_init__(self) -> None:
+        check_fields(self)  # every source (TOML, Python, CLI) is held to the declared types
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0 = never), got {self.checkpoint_every}")
-        from robustbench_ft.evaluate import DECODE_MODES
-
-        if self.decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
         if self.draft_factor is not None and self.draft_factor < 1:
             raise ValueError(f"draft_factor must be >= 1 (or unset), got {self.draft_factor}")
-        if self.on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
 
     def identity(self) -> dict[str, Any]:
         """The fields that determine the results, with a local checkpoint replaced by its content hash."""
@@ -97,7 +98,14 @@ class RunConfig:
             raise FileNotFoundError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path}: invalid TOML ({exc})") from exc
-        options = data.pop("method_options", None) or {}
+        try:
+            return cls._from_table(data, overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    @classmethod
+    def _from_table(cls, data: dict[str, Any], overrides: dict[str, Any]) -> "RunConfig":
+        options = check(data.pop("method_options", {}), dict[str, Any], "method_options")
         if isinstance(data.get("method"), dict):  # [method] table: name = "...", other keys are options
             table = dict(data.pop("method"))
             if "name" in table:
@@ -106,8 +114,8 @@ class RunConfig:
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - valid)
         if unknown:
-            raise ValueError(f"{path}: unknown config key(s) {unknown}; valid keys: {sorted(valid - {'method_options'})} "
-                             "and a [method] table of method options")
+            raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(valid - {'method_options'})} "
+                              "and a [method] table of method options")
         merged = {**data, **{k: v for k, v in overrides.items() if k != "method_options"}}
         merged["method_options"] = _merge(options, overrides.get("method_options", {}))
         return cls(**merged)

@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from robustbench_ft import distributed
+from robustbench_ft.config import DECODE_MODES
 from robustbench_ft.data.eval_decode import CPUDecoder, parse_eval_transform, transform_id
 from robustbench_ft.data.loader import describe_skipped, make_loader
 from robustbench_ft.data.shards import Manifest, ShardError
@@ -47,7 +48,6 @@ from robustbench_ft.models.clip import autocast
 __all__ = ["DECODE_MODES", "EvalPipeline", "LogitsCache", "Predictions", "RowStore", "eval_pipeline", "evaluate",
            "evaluate_cached", "transform_id"]
 
-DECODE_MODES = ("auto", "device", "fast", "reference")
 _HEAD_CHUNK = 8192  # rows of cached features scored per head call
 
 

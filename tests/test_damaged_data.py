@@ -200,7 +200,7 @@ def test_cli_flag_and_report_show_skipped_samples(run_dirs, capsys, tmp_path):
     assert main(["leaderboard", run_dirs["results_dir"], "--format", "md"]) == 0
     assert "unreadable samples left out" in capsys.readouterr().out
     assert main(args + ["--on-bad-sample", "sometimes"]) == 2
-    assert "on_bad_sample must be 'error' or 'skip'" in capsys.readouterr().err
+    assert "config key 'on_bad_sample' must be one of 'error', 'skip'" in capsys.readouterr().err
 
 
 def test_toml_key(tmp_path):

@@ -228,14 +228,14 @@ def test_uniform_soup_of_identical_checkpoints_is_that_checkpoint(run_dirs, clip
     for key, value in ft.classifier.state_dict().items():
         torch.testing.assert_close(soup.state_dict()[key], value, rtol=1e-6, atol=1e-7)
     # The same through the method: three runs with one seed are three copies of one checkpoint.
-    (cand,) = Soup().run(context(run_dirs, clip, "soup", {"kind": "uniform", "seeds": "0,0,0", "base": "ft",
+    (cand,) = Soup().run(context(run_dirs, clip, "soup", {"kind": "uniform", "seeds": (0, 0, 0), "base": "ft",
                                                           "base_options": TRAIN}))
     images = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(logits(cand.classifier, images), logits(ft.classifier, images), rtol=1e-5, atol=1e-5)
 
 
 def test_soup_ingredients_differ_by_seed_and_grid(run_dirs, clip):
-    ctx = context(run_dirs, clip, "soup", {"kind": "greedy", "seeds": "0,1", "lrs": "1e-3,1e-4",
+    ctx = context(run_dirs, clip, "soup", {"kind": "greedy", "seeds": (0, 1), "lrs": (1e-3, 1e-4),
                                            "base_options": TRAIN, "evaluate_ingredients": True})
     cands = Soup().run(ctx)
     soup, ingredients = cands[0], cands[1:]

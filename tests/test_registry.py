@@ -64,7 +64,7 @@ def test_entry_point_package_adds_a_method(tmp_path, monkeypatch, run_dirs):
         spec = get_method("halfway")
         assert spec.summary.startswith("WiSE-FT at a fixed alpha") and spec.paper == "Me et al. 2026"
         out = run(RunConfig(model="rbft-tiny-vit", pretrained="random", suite="synthetic", method="halfway",
-                            method_options={"alpha": "0.25"}, report=False, **run_dirs),
+                            method_options={"alpha": 0.25}, report=False, **run_dirs),
                   progress=False, log=lambda m: None)
         assert [r.candidate for r in out.records] == ["halfway α=0.25"]
     finally:

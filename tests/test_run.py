@@ -51,7 +51,7 @@ def test_second_run_reuses_checkpoint_and_records(run_dirs):
 def test_changed_option_trains_a_new_endpoint(run_dirs):
     base = RunConfig(method="finetune", **TINY, **run_dirs)
     run(base, progress=False, log=lambda m: None)
-    run(RunConfig(method="finetune", method_options={"lr": "5e-4"}, **TINY, **run_dirs), progress=False,
+    run(RunConfig(method="finetune", method_options={"lr": 5e-4}, **TINY, **run_dirs), progress=False,
         log=lambda m: None)
     assert len(list((Path(run_dirs["cache_dir"]) / "checkpoints").glob("finetune-*.safetensors"))) == 2
 
@@ -87,7 +87,7 @@ def test_cli_run_prints_summary(run_dirs, capsys):
     (["--method", "wise-ft", "--alpha", "1.5"], "alpha must lie in [0, 1]"),
     (["--suite", "synthetik"], "Did you mean 'synthetic'?"),
     (["--model", "rbft-tiny-vti"], "Did you mean 'rbft-tiny-vit'?"),
-    (["--method", "finetune", "--lr", "fast"], "cannot read 'fast' as float"),
+    (["--method", "finetune", "--lr", "fast"], "config key 'lr' must be a number, got the string 'fast'"),
     (["--eval-batch-size", "0"], "eval_batch_size must be >= 1"),
 ])
 def test_cli_bad_input_is_one_clear_line_and_writes_nothing(run_dirs, capsys, args, message):
@@ -153,7 +153,9 @@ def test_config_hash_ignores_output_locations_but_not_options(run_dirs, tmp_path
 
 def test_config_hash_is_the_same_for_cli_strings_and_python_values():
     """A run started from the CLI resumes from Python with the same settings, and vice versa."""
-    cli = RunConfig(method="wise-ft", method_options={"alpha": "0.5", "base_options": {"epochs": "2", "lr": "1e-4"}})
+    from robustbench_ft.cli import run_config_from_argv
+
+    cli = run_config_from_argv(["--method", "wise-ft", "--alpha", "0.5", "--epochs", "2", "--lr", "1e-4"])
     py = RunConfig(method="wise-ft", method_options={"alpha": 0.5, "base_options": {"epochs": 2, "lr": 1e-4}})
     other = RunConfig(method="wise-ft", method_options={"alpha": 0.5, "base_options": {"epochs": 3, "lr": 1e-4}})
     assert cli.hash() == py.hash() != other.hash()
@@ -252,7 +254,7 @@ def test_decode_paths_from_the_config_agree_and_bad_values_are_refused(run_dirs)
         scores[decode] = {d: m["top1"] for d, m in out.records[0].metrics.items()}
         assert out.records[0].config["decode"] == decode
     assert scores["reference"] == scores["fast"]
-    with pytest.raises(ValueError, match="decode must be one of"):
+    with pytest.raises(ValueError, match="config key .decode. must be one of"):
         RunConfig(decode="gpu")
     with pytest.raises(ValueError, match="draft_factor must be >= 1"):
         RunConfig(draft_factor=0.5)

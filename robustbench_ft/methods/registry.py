@@ -7,12 +7,12 @@ entry-point group; importing it runs its ``@register_method`` decorators.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable, Protocol
 
 from robustbench_ft.data.registry import unknown_name_error
+from robustbench_ft.typed import build
 
 ENTRY_POINT_GROUP = "robustbench_ft.methods"
 # Short names the papers use (``wise-ft --base ft|lp``), accepted wherever a method is named.
@@ -34,14 +34,9 @@ class MethodSpec:
     paper: str
 
     def make_options(self, values: dict[str, Any]) -> Any:
-        """Build the options dataclass from config/CLI values (strings are parsed by field type)."""
-        valid = {f.name: f for f in dataclasses.fields(self.options)}
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ValueError(f"method {self.name!r} has no option(s) {unknown}; its options: {sorted(valid) or 'none'}")
-        hints = typing.get_type_hints(self.options)
-        parsed = {k: parse_option(k, v, hints[k]) for k, v in values.items()}
-        return self.options(**parsed)
+        """Build the options dataclass from config values, each checked against its declared type
+        (:func:`robustbench_ft.typed.check`: command-line text is parsed before it gets here)."""
+        return build(self.options, values, f"method {self.name!r}")
 
     def canonical_options(self, values: dict[str, Any]) -> dict[str, Any]:
         """The given option values as the options dataclass reads them, for hashing a config: ``--epochs 2``
@@ -54,35 +49,6 @@ class MethodSpec:
         if isinstance(out.get("base_options"), dict):
             out["base_options"] = get_method(options.base).canonical_options(out["base_options"])
         return out
-
-
-def parse_option(name: str, value: Any, hint: Any) -> Any:
-    """Coerce a CLI string or TOML value to the option's declared type, with a clear error."""
-    parser = getattr(hint, "__metadata__", None)
-    if parser:  # Annotated[T, parser]
-        return parser[0](value) if isinstance(value, (str, int, float, list, tuple)) else value
-    origin = typing.get_origin(hint)
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
-        if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
-            return None
-        return parse_option(name, value, args[0])
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)  # TOML/Python 2 and CLI "2" read alike (and hash alike)
-    if not isinstance(value, str):
-        return value
-    try:
-        if hint is bool:
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if hint in (int, float, str):
-            return hint(value)
-    except ValueError:
-        raise ValueError(f"option {name!r}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
-    return value
 
 
 _METHODS: dict[str, MethodSpec] = {}
