@@ -18,6 +18,7 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -115,6 +116,7 @@ class ResultRecord:
         if version < 3 and data.get("skipped_samples"):
             raise RecordError(f"{source}: field 'skipped_samples' needs schema_version 3 (the file says {version})")
         _check_types(data, source)
+        _check_values(data, source)
         record = cls(**{**data, "schema_version": SCHEMA_VERSION})
         if record.kind not in RECORD_KINDS:
             raise RecordError(f"{source}: kind {record.kind!r} is not one of {RECORD_KINDS}")
@@ -181,6 +183,72 @@ def _check_types(data: dict[str, Any], source: str) -> None:
                           f"{{'count': whole number, 'events': [...]}}")
 
 
+COUNT_PREFIXES = ("n@", "num_")  # with "n": metrics entries that are counts, not scores in [0, 1]
+
+
+def is_count(key: str) -> bool:
+    """Whether a metrics entry is a count (``n``, ``n@<shift>``, ``num_skipped``) rather than a score."""
+    return key == "n" or key.startswith(COUNT_PREFIXES)
+
+
+def decimals(value: float) -> int:
+    """Decimal places of ``value`` as written (``0.762`` -> 3; a measured 7422/10000 -> 4; 1/3 -> 16)."""
+    exponent = Decimal(repr(float(value))).normalize().as_tuple().exponent
+    return max(0, -int(exponent)) if isinstance(exponent, int) else 0
+
+
+def rounding(value: float) -> float:
+    """Half a unit in the last decimal place of ``value`` as written: how far the true number may lie."""
+    return 0.5 * 10.0 ** -decimals(value) + 1e-12
+
+
+def consistent_with_count(fraction: float, n: int) -> bool:
+    """Whether ``fraction`` can be k/n for a whole k, within the rounding of ``fraction`` as written
+    (a reported 0.3333 with n = 1 cannot; 0.762 rounded from 38,100/50,000 can)."""
+    k = round(fraction * n)
+    return any(abs(j / n - fraction) <= rounding(fraction) for j in (k - 1, k, k + 1) if 0 <= j <= n)
+
+
+def _check_values(data: dict[str, Any], source: str) -> None:
+    """Ranges and consistency, so that no loaded record can crash or hijack a board or a report:
+    scores are fractions in [0, 1], counts whole numbers (``n`` >= 1), an accuracy and its count
+    agree (top-1 · n whole within rounding), the primary metric is a score, a reported average
+    agrees with the per-dataset numbers it averages, effective robustness lies in [-1, 1]."""
+    metrics, primary = data["metrics"], data.get("primary_metric", {})
+    for ds, values in metrics.items():
+        for key, value in values.items():
+            where = f"{source}: metrics[{ds[:40]!r}][{key[:40]!r}]"
+            if is_count(key):
+                if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "n" else 0):
+                    raise RecordError(f"{where} must be a whole number (a count{'; n >= 1' if key == 'n' else ''}), "
+                                      f"got {value!r}")
+            elif not 0.0 <= value <= 1.0:
+                raise RecordError(f"{where} must be a fraction in [0, 1] (87.3 % is 0.873), got {value!r}")
+        for acc, count in [("top1", "n"), *((k, f"n@{k[5:]}") for k in values if k.startswith("top1@"))]:
+            if acc in values and count in values and not consistent_with_count(values[acc], values[count]):
+                raise RecordError(f"{source}: metrics[{ds[:40]!r}]: {acc} = {values[acc]!r} is not a whole number of "
+                                  f"the {count} = {values[count]} samples")
+        if is_count(primary.get(ds, "top1")):
+            raise RecordError(f"{source}: primary_metric[{ds[:40]!r}] is the count {primary[ds][:40]!r}, not a score")
+    for key, entry in data.get("summary", {}).items():
+        value = entry["value"]
+        if not 0.0 <= value <= 1.0:
+            raise RecordError(f"{source}: summary[{key[:40]!r}] value must be a fraction in [0, 1], got {value!r}")
+        parts = [metrics.get(d, {}).get(entry["metric"]) for d in entry["over"]]
+        if entry["over"] and all(isinstance(p, (int, float)) for p in parts):
+            mean = sum(parts) / len(parts)
+            if abs(mean - value) > rounding(value) + max(rounding(p) for p in parts):
+                raise RecordError(f"{source}: summary[{key[:40]!r}] = {value!r} contradicts the record's own "
+                                  f"{entry['metric']} on {entry['over']} (their mean is {mean:.6g})")
+    er = data.get("effective_robustness", {})
+    per_shift = er.get("per_shift", {}) if isinstance(er.get("per_shift", {}), dict) else {}
+    for key, value in [*er.items(), *per_shift.items()]:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
+                math.isfinite(value) and -1.0 <= value <= 1.0):
+            raise RecordError(f"{source}: effective_robustness[{str(key)[:40]!r}] must be a number in [-1, 1], "
+                              f"got {value!r}")
+
+
 def slugify(text: str) -> str:
     """A file-system-safe name for a candidate or run ("wise-ft α=0.50" -> "wise-ft-alpha-0.50")."""
     text = text.replace("α", "alpha").replace("=", "-")
@@ -230,12 +298,25 @@ def write_record(record: ResultRecord, path: Path) -> Path:
     return Path(path)
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for ``json.loads`` that refuses an object naming a key twice (JSON parsers
+    disagree on which value wins, so a file could show one reader one number and another another)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise RecordError(f"the key {key[:40]!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
 def load_record(path: Path) -> ResultRecord:
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except json.JSONDecodeError as exc:
         raise RecordError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); delete or regenerate it") from exc
+    except RecordError as exc:
+        raise RecordError(f"{path}: {exc}") from None
     return ResultRecord.from_dict(data, source=str(path))
 
 

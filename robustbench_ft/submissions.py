@@ -24,12 +24,13 @@ import os
 import re
 import shutil
 import tempfile
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from robustbench_ft.results import (
-    RecordError, ResultRecord, atomic_write_text, now_iso, slugify, write_record,
+    RecordError, ResultRecord, atomic_write_text, now_iso, slugify, unique_keys, write_record,
 )
 
 BUNDLE_FORMAT = "robustbench-ft-submission"
@@ -46,8 +47,19 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+()-]{0,79}")
 RECORD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 URL_RE = re.compile(r"https?://[^\s<>\"'`\\]+")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
-FORBIDDEN_CHARS = re.compile(r"[<>\x00-\x08\x0b-\x1f\x7f]")
-COUNT_PREFIXES = ("n@", "num_")  # with "n": metrics entries that are counts, not scores in [0, 1]
+# Unicode categories never allowed in bundle text: controls (C0 and C1; tab and newline excepted),
+# format characters (bidi overrides and isolates, zero-width spaces and joiners, BOM), surrogates,
+# private use, unassigned code points, line and paragraph separators.
+UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def unsafe_character(text: str) -> str | None:
+    """The first character of ``text`` a bundle may not contain (markup brackets or an unsafe
+    Unicode category), as U+XXXX, or None."""
+    for ch in text:
+        if ch in "<>" or (ch not in "\t\n" and unicodedata.category(ch) in UNSAFE_CATEGORIES):
+            return f"U+{ord(ch):04X}"
+    return None
 TOP_KEYS = {"format", "schema_version", "created", "method", "records"}
 METHOD_KEYS = {"name", "paper", "code", "checkpoint"}
 
@@ -142,12 +154,13 @@ def read_bundle(path: Path) -> Bundle:
     except UnicodeDecodeError as exc:
         raise SubmissionError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        data = json.loads(text, parse_constant=_refuse_constant, parse_float=_parse_float, parse_int=_parse_int)
+        data = json.loads(text, parse_constant=_refuse_constant, parse_float=_parse_float, parse_int=_parse_int,
+                          object_pairs_hook=unique_keys)
     except json.JSONDecodeError as exc:
         raise SubmissionError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
     except RecursionError:
         raise SubmissionError(f"{path}: nested too deeply to be a submission bundle") from None
-    except SubmissionError as exc:
+    except (SubmissionError, RecordError) as exc:
         raise SubmissionError(f"{path}: {exc}") from None
     return validate_bundle(data, source=str(path))
 
@@ -177,8 +190,9 @@ def _check_text(value: Any, where: str, problems: _Problems, limit: int = MAX_TE
     if len(value) > limit:
         problems.add(where, f"is {len(value)} characters long (at most {limit})")
         return False
-    if FORBIDDEN_CHARS.search(value):
-        problems.add(where, "contains '<', '>' or control characters; use plain text")
+    bad = unsafe_character(value)
+    if bad is not None:
+        problems.add(where, f"contains '<', '>', control, bidi or zero-width characters (here {bad}); use plain text")
         return False
     return True
 
@@ -204,10 +218,6 @@ def _walk(value: Any, where: str, problems: _Problems, depth: int = 0) -> None:
             problems.add(where, f"number {value!r} is not finite or larger than {MAX_MAGNITUDE:g}")
     else:
         problems.add(where, f"unexpected value of type {type(value).__name__}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_keys(obj: dict, allowed: set[str], optional: set[str], where: str, problems: "_Problems") -> None:
@@ -248,35 +258,19 @@ def _check_method(method: Any, problems: _Problems) -> MethodInfo | None:
 
 
 def _check_record_values(record: ResultRecord, where: str, problems: _Problems) -> None:
-    """Ranges: scores in [0, 1], counts positive integers, effective robustness in [-1, 1]."""
+    """What a submission adds to the checks every loaded record passes (``ResultRecord.from_dict``:
+    ranges, counts, consistency): reproduced records only, safe ids, a bounded config."""
     if record.kind != "reproduced":
         problems.add(f"{where}.kind", f"is {record.kind!r}; a submission carries reproduced records only")
     if not RECORD_ID_RE.fullmatch(record.record_id):
         problems.add(f"{where}.record_id", "must be 1-128 letters, digits, '.', '_' or '-'")
-    for ds, values in record.metrics.items():
-        for key, value in values.items():
-            spot = f"{where}.metrics[{ds[:40]!r}][{key[:40]!r}]"
-            if key == "n" or key.startswith(COUNT_PREFIXES):
-                if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "n" else 0):
-                    problems.add(spot, f"must be a whole number (a count; n >= 1), got {value!r}")
-            elif not _is_number(value) or not 0.0 <= value <= 1.0:
-                problems.add(spot, f"must be a fraction in [0, 1] (87.3 % is 0.873), got {value!r}")
-    for key, entry in record.summary.items():
-        value = entry.get("value")
-        if not _is_number(value) or not 0.0 <= value <= 1.0:
-            problems.add(f"{where}.summary[{key[:40]!r}].value", f"must be a fraction in [0, 1], got {value!r}")
-    er = record.effective_robustness
-    for key, value in [*((k, v) for k, v in er.items() if k != "per_shift"),
-                       *(er.get("per_shift", {}) or {}).items()]:
-        if _is_number(value) and not -1.0 <= value <= 1.0:
-            problems.add(f"{where}.effective_robustness[{str(key)[:40]!r}]", f"must be in [-1, 1], got {value!r}")
     if len(json.dumps(record.config)) > MAX_CONFIG_BYTES:
         problems.add(f"{where}.config", f"is larger than {MAX_CONFIG_BYTES} bytes")
 
 
 def _check_suite(records: list[ResultRecord], problems: _Problems) -> None:
     """One registered suite and reference; only that suite's datasets; a reference score each."""
-    from robustbench_ft.data.registry import get_suite
+    from robustbench_ft.data.registry import get_dataset, get_suite
 
     suites = sorted({r.suite for r in records})
     refs = sorted({r.reference for r in records})
@@ -302,6 +296,10 @@ def _check_suite(records: list[ResultRecord], problems: _Problems) -> None:
                                 f"(it has {sorted(known)})")
         if suite.reference not in r.metrics:
             problems.add(where, f"has no score on the reference {suite.reference!r}")
+        for ds in sorted(set(r.metrics) & known):  # ranked by the metric the dataset declares, nothing else
+            declared, named = get_dataset(ds).metric, r.primary_metric.get(ds, "top1")
+            if named != declared:
+                problems.add(where, f"primary metric of {ds!r} is {named[:40]!r}, but {ds!r} is scored by {declared!r}")
 
 
 def validate_bundle(data: Any, source: str = "<bundle>") -> Bundle:

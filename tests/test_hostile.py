@@ -19,6 +19,7 @@ from robustbench_ft.cli import main
 from robustbench_ft.leaderboard import build_leaderboard, to_csv, to_html, to_markdown
 from robustbench_ft.results import RecordError, ResultRecord, load_records, write_record
 from robustbench_ft.submissions import SubmissionError, add_bundle, make_bundle, read_bundle
+from fuzzing import examples
 from test_submissions import demo_record
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def _check_renderings(results: Path, report: bool = False) -> None:
     to_csv(boards)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(80), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_bundles())
 def test_fuzzed_bundles_are_accepted_or_refused_with_a_message(data):
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,7 +214,7 @@ def mutated_records(draw) -> dict:
     return _mutate(draw, RECORD_BASE, RECORD_PATHS)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_records(), st.sampled_from(MARKUP[:4]))
 def test_fuzzed_records_load_or_fail_with_record_error_and_render_escaped(data, markup):
     with tempfile.TemporaryDirectory() as tmp:

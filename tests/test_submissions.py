@@ -116,6 +116,19 @@ BAD_BUNDLES = [
     ("records.0.kind", "published", "reproduced records only"),
     ("records.0.reference", "sklearn-digits", "mix reference datasets"),
     ("unexpected", 1, "unknown field(s) ['unexpected']"),
+    # issue 19, second pass: what an accepted bundle could do to the board
+    ("records.0.primary_metric", {"mnist": "n"}, "primary_metric['mnist'] is the count 'n'"),
+    ("records.0.primary_metric", {"mnist": "num_skipped"}, "is the count 'num_skipped'"),
+    ("records.0.metrics.mnist.n", 1, "top1 = 0.95 is not a whole number of the n = 1 samples"),
+    ("records.0.metrics.mnist.top1", 0.33333, "top1 = 0.33333 is not a whole number of the n = 10000 samples"),
+    ("records.0.summary", {"shift-avg": {"metric": "top1", "value": 0.9, "over": SHIFTS}},
+     "contradicts the record's own top1"),
+    ("records.0.effective_robustness", {"shift-avg": 5.0}, "must be a number in [-1, 1]"),
+    ("records.0.candidate", "a\u202eb", "(here U+202E)"),
+    ("records.0.candidate", "a\u2066b", "(here U+2066)"),
+    ("records.0.candidate", "a\u200bb", "(here U+200B)"),
+    ("records.0.candidate", "a\u0085b", "(here U+0085)"),
+    ("records.0.tags.note", "a\ufeffb", "(here U+FEFF)"),
 ]
 
 
@@ -138,6 +151,8 @@ def test_malformed_bundles_are_refused_with_a_message(tmp_path, bundle_data, cap
     ("[" * 100000 + "]" * 100000, "nested too deeply"),
     ('{"format": "robustbench-ft-submission", "schema_version": true}', "not supported"),
     ("not json at all", "not valid JSON"),
+    ('{"format": "robustbench-ft-submission", "format": "robustbench-ft-submission", "schema_version": 1}',
+     "the key 'format' appears twice"),
     ('["a list"]', "is a JSON object"),
 ])
 def test_unparseable_bundles_are_refused(tmp_path, text, message):
@@ -146,6 +161,28 @@ def test_unparseable_bundles_are_refused(tmp_path, text, message):
     with pytest.raises(SubmissionError) as info:
         read_bundle(path)
     assert message in str(info.value)
+
+
+def test_primary_metric_must_be_the_one_the_dataset_declares(tmp_path, bundle_data, capsys):
+    """An invented metric key as primary metric once ranked an entry at 1,000,000 %."""
+    bad = _mutate(_mutate(bundle_data, "records.0.metrics.mnist.made_up", 0.99), "records.0.primary_metric",
+                  {"mnist": "made_up"})
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(SubmissionError, match="primary metric of 'mnist' is 'made_up', but 'mnist' is scored by 'top1'"):
+        read_bundle(path)
+
+
+def test_a_record_that_cannot_be_scored_is_refused_on_load_not_in_the_board(tmp_path, run_dir, capsys):
+    """The random CI failure (a fuzzed record with "top1": -1 on the reference loaded, then crashed
+    build_leaderboard with a ValueError): records are checked when they are read."""
+    data = json.loads((run_dir / "r0.json").read_text())
+    data["metrics"]["mnist"]["top1"] = -1
+    (run_dir / "r0.json").write_text(json.dumps(data))
+    assert main(["leaderboard", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustbench-ft: error: ") and "r0.json: metrics['mnist']['top1'] must be a fraction" in err
+    assert "Traceback" not in err
 
 
 def test_problems_are_listed_together(tmp_path, bundle_data):
