@@ -92,7 +92,7 @@ def make_imagefolder(root: Path, n: int, size: str, classes: int = 10, seed: int
 
 def make_shards(src: Path, out: Path, resize_shorter: int | None = None, workers: int = 2) -> Path:
     """Convert the tree with the harness's converter: the files' own bytes, or resized (re-encoded) JPEGs."""
-    from robustbench_ft.data.imagefolder import write_imagefolder_shards
+    from robustbench_ft.convert.imagefolder import write_imagefolder_shards
 
     if not (out / "manifest.json").is_file():
         n = sum(1 for _ in src.rglob("*.jpg"))
@@ -137,10 +137,10 @@ def decode_and_forward_costs(shards: Path, preprocess: Callable, model: torch.nn
     The forward runs on batches decoded beforehand and kept on the device, so it is the model's
     own speed, with the same precision and memory format an evaluation uses.
     """
-    from robustbench_ft.data.loader import make_loader
-    from robustbench_ft.data.shards import Manifest
-    from robustbench_ft.evaluate import eval_pipeline
+    from robustbench_ft.evaluation.pipeline import eval_pipeline
+    from robustbench_ft.loading.shard_dataset import make_loader
     from robustbench_ft.models.clip import autocast
+    from robustbench_ft.shards.manifest import Manifest
 
     manifest = Manifest.load(shards)
     pipeline = eval_pipeline(preprocess, device, manifest.image_format, decode)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import copy
 
+import _common as common
 import numpy as np
 import torch
 
-import _common as common
-from robustbench_ft.data.shards import Manifest
-from robustbench_ft.evaluate import evaluate
+from robustbench_ft.evaluation.dataset_pass import evaluate
+from robustbench_ft.evaluation.options import EvalOptions
 from robustbench_ft.models.classifier import Classifier, interpolate
+from robustbench_ft.shards.manifest import Manifest
 
 ALPHAS = [round(a, 1) for a in np.linspace(0, 1, 11)]
 
@@ -45,10 +46,10 @@ def main() -> None:
     folder, shards = common.benchmark_images(args, work)
     n = Manifest.load(shards).num_samples
     candidates = wise_ft_candidates(clip)
-    kw = dict(batch_size=args.batch_size, workers=args.workers, progress=False, verify="size")
+    opts = EvalOptions(batch_size=args.batch_size, workers=args.workers, progress=False, verify="size")
 
-    one_s, one = common.timed(lambda: evaluate(candidates, shards, clip.preprocess_eval, **kw))
-    sep_s, sep = common.timed(lambda: [evaluate({k: c}, shards, clip.preprocess_eval, **kw)
+    one_s, one = common.timed(lambda: evaluate(candidates, shards, clip.preprocess_eval, opts))
+    sep_s, sep = common.timed(lambda: [evaluate({k: c}, shards, clip.preprocess_eval, opts)
                                        for k, c in candidates.items()])
     for k, p in zip(candidates, sep):
         np.testing.assert_allclose(one.logits[k], p.logits[k], rtol=1e-4, atol=1e-4)

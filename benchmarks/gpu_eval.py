@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import sys
 
+import _common as common
 import torch
 
-import _common as common
-from robustbench_ft.evaluate import evaluate
+from robustbench_ft.evaluation.dataset_pass import evaluate
+from robustbench_ft.evaluation.options import EvalOptions
 from robustbench_ft.models.classifier import Classifier
 
 
@@ -47,9 +48,10 @@ def main() -> None:
                                                        device=args.device, decode=decode)
         kw = dict(batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
                   progress=False, verify="size", compile_model=args.compile)
-        evaluate({"m": model}, shards, clip.preprocess_eval, decode=decode, **kw)  # warm-up (nvJPEG, kernels)
-        full_s, _ = common.timed(lambda: evaluate({"m": model}, shards, clip.preprocess_eval, decode=decode, **kw))
-        cpu_s, _ = common.timed(lambda: evaluate({"m": model}, shards, clip.preprocess_eval, decode="fast", **kw))
+        chosen, fast = EvalOptions(decode=decode, **kw), EvalOptions(decode="fast", **kw)
+        evaluate({"m": model}, shards, clip.preprocess_eval, chosen)  # warm-up (nvJPEG, kernels)
+        full_s, _ = common.timed(lambda: evaluate({"m": model}, shards, clip.preprocess_eval, chosen))
+        cpu_s, _ = common.timed(lambda: evaluate({"m": model}, shards, clip.preprocess_eval, fast))
         forward_ips, full_ips, cpu_ips = 1 / forward_s, args.images / full_s, args.images / cpu_s
         rows.append({"model": name, "forward only img/s": f"{forward_ips:.0f}",
                      f"{decode} decode + forward img/s": f"{full_ips:.0f}",

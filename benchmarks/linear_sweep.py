@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import shutil
 
+import _common as common
 import numpy as np
 import torch
 
-import _common as common
-from robustbench_ft.evaluate import LogitsCache, evaluate, evaluate_cached
+from robustbench_ft.evaluation.cache import ArrayCache
+from robustbench_ft.evaluation.dataset_pass import evaluate, evaluate_cached
+from robustbench_ft.evaluation.options import EvalOptions
 from robustbench_ft.models.classifier import Classifier, interpolate
 
 
@@ -34,14 +36,14 @@ def main() -> None:
 
     cache_dir = work / "cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
-    logits, features = LogitsCache(cache_dir / "logits"), LogitsCache(cache_dir / "features")
-    kw = dict(batch_size=args.batch_size, workers=args.workers, progress=False, verify="size")
+    logits, features = ArrayCache(cache_dir / "logits"), ArrayCache(cache_dir / "features")
+    opts = EvalOptions(batch_size=args.batch_size, workers=args.workers, progress=False, verify="size")
     full_s, full = common.timed(lambda: evaluate_cached({"zero-shot": zeroshot}, shards, clip.preprocess_eval,
-                                                        logits, features=features, **kw))
-    sweep_s, swept = common.timed(lambda: evaluate_cached(sweep, shards, clip.preprocess_eval, logits,
-                                                          features=features, **kw))
+                                                        logits, opts, features=features))
+    sweep_s, swept = common.timed(lambda: evaluate_cached(sweep, shards, clip.preprocess_eval, logits, opts,
+                                                          features=features))
     assert full.forward_passes == 1 and swept.forward_passes == 0
-    direct = evaluate({"α=0.5": sweep["α=0.5"]}, shards, clip.preprocess_eval, **kw)  # check: same logits
+    direct = evaluate({"α=0.5": sweep["α=0.5"]}, shards, clip.preprocess_eval, opts)  # check: same logits
     err = float(np.abs(direct.logits["α=0.5"] - swept.logits["α=0.5"]).max())
     print(f"\n== linear-probe WiSE-FT sweep, 11 heads, {len(full.labels)} JPEGs {args.image_size}, {args.model} "
           f"({common.conditions()})")

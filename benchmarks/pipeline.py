@@ -20,15 +20,18 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+import _common as common
 import numpy as np
 import torch
 
-import _common as common
-from robustbench_ft.data.eval_decode import CPUDecoder, parse_eval_transform
-from robustbench_ft.data.loader import decode_image, make_loader
-from robustbench_ft.data.shards import Manifest, read_shard
-from robustbench_ft.evaluate import eval_pipeline, evaluate
+from robustbench_ft.evaluation.dataset_pass import evaluate
+from robustbench_ft.evaluation.options import EvalOptions
+from robustbench_ft.evaluation.pipeline import eval_pipeline
+from robustbench_ft.loading.eval_decode import CPUDecoder, parse_eval_transform
+from robustbench_ft.loading.shard_dataset import decode_image, make_loader
 from robustbench_ft.models.classifier import Classifier
+from robustbench_ft.shards.manifest import Manifest
+from robustbench_ft.shards.reader import read_shard
 
 
 def shard_loader_images_per_s(directory: Path, preprocess, args, decode: str, draft: float | None) -> float:
@@ -121,8 +124,7 @@ def main() -> None:
                                common.reference_loader(mfolder, preprocess, args.batch_size, args.workers)])
 
     ref_s, ref_logits = common.timed(reference_eval)
-    ours_s, preds = common.timed(lambda: evaluate({"m": model}, mshards, preprocess, batch_size=args.batch_size,
-                                                  workers=args.workers, progress=False, verify="size"))
+    ours_s, preds = common.timed(lambda: evaluate({"m": model}, mshards, preprocess, EvalOptions(batch_size=args.batch_size, workers=args.workers, progress=False, verify="size")))
     agree = float((preds.logits["m"].argmax(1) == ref_logits.argmax(1)).mean())
     print(f"\n== with the {args.model} forward pass ({n_model} images): reference {n_model / ref_s:.1f} img/s, "
           f"ours {n_model / ours_s:.1f} img/s: {n_model / ours_s / (n_model / ref_s):.2f}x; top-1 agreement with the "

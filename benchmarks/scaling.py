@@ -20,10 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _common as common
 import numpy as np
 import torch
 
-import _common as common
+from robustbench_ft.evaluation.options import EvalOptions
 
 CLASSES = 1000
 HEADS = 11
@@ -31,7 +32,8 @@ HEADS = 11
 
 def one_size(args, n: int, mode: str) -> dict:
     """In a child process: evaluate the ``n``-image set in ``mode`` ("streamed" or "in-memory")."""
-    from robustbench_ft.evaluate import LogitsCache, evaluate, evaluate_cached
+    from robustbench_ft.evaluation.cache import ArrayCache
+    from robustbench_ft.evaluation.dataset_pass import evaluate, evaluate_cached
     from robustbench_ft.models.classifier import Classifier
 
     work = Path(args.workdir)
@@ -42,15 +44,17 @@ def one_size(args, n: int, mode: str) -> dict:
     heads = {f"head{i}": Classifier(zeroshot.visual, torch.randn(CLASSES, zeroshot.head.in_features,
                                                                   generator=generator), zeroshot.info)
              for i in range(HEADS)}
-    kw = dict(batch_size=args.batch_size, workers=args.workers, progress=False, verify="size", num_outputs=CLASSES)
+    opts = EvalOptions(batch_size=args.batch_size, workers=args.workers, progress=False, verify="size")
     cache = work / f"cache-{n}-{mode}"
     shutil.rmtree(cache, ignore_errors=True)
     with common.peak_memory() as mem:
         if mode == "streamed":
             seconds, preds = common.timed(lambda: evaluate_cached(heads, shards, clip.preprocess_eval,
-                                                                  LogitsCache(cache / "logits"), **kw))
+                                                                  ArrayCache(cache / "logits"), opts,
+                                                                  num_outputs=CLASSES))
         else:
-            seconds, preds = common.timed(lambda: evaluate(heads, shards, clip.preprocess_eval, **kw))
+            seconds, preds = common.timed(lambda: evaluate(heads, shards, clip.preprocess_eval, opts,
+                                                           num_outputs=CLASSES))
         top1 = {k: preds.top1(k) for k in heads}
     flips = sum(int((preds.logits[k].astype(np.float16).argmax(1) != preds.logits[k].argmax(1)).sum()) for k in heads)
     shutil.rmtree(cache, ignore_errors=True)

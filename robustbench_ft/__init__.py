@@ -3,7 +3,8 @@
 ``from robustbench_ft import run, RunConfig`` does what ``robustbench-ft run`` does.
 """
 from robustbench_ft.config import RunConfig
-from robustbench_ft.data.registry import DatasetSpec, Suite, register_dataset, register_suite
+from robustbench_ft.datasets.registry import register_dataset, register_suite
+from robustbench_ft.datasets.spec import DatasetSpec, Suite
 from robustbench_ft.methods import Candidate, MethodContext, register_method
 from robustbench_ft.models import Classifier, load_clip
 from robustbench_ft.results import ResultRecord, load_records

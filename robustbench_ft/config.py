@@ -1,22 +1,35 @@
-"""RunConfig: everything that defines a run, from flags and/or a TOML file, with a stable hash."""
+"""RunConfig: everything a user sets for a run, from flags, a TOML file or Python, each value type-checked.
+
+The lowest layer with :mod:`robustbench_ft.typed` and :mod:`robustbench_ft.util`: it names a method
+and a suite but imports neither registry. :func:`robustbench_ft.methods.resolve.resolve` turns a
+RunConfig into the run that executes (suite defaults applied, options typed) and hashes *that*.
+"""
 from __future__ import annotations
 
-import hashlib
-import json
-import tomllib
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from robustbench_ft.data.shards import file_sha256
-from robustbench_ft.models.clip import BUNDLED_WEIGHTS, CHECKPOINT_SUFFIXES
+import tomllib
+
 from robustbench_ft.typed import ConfigError, check, check_fields
 
 Precision = Literal["fp32", "amp_bf16"]
 DecodeMode = Literal["auto", "device", "fast", "reference"]
 OnBadSample = Literal["error", "skip"]
 DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
+
+
+MAX_RUN_NAME = 120
+RUN_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+=-]{{0,{MAX_RUN_NAME - 1}}}")
+# Fields that change where things go or how fast, not what is computed: left out of a run's identity.
+# on_bad_sample too: it changes nothing on intact data (a skip-mode run must not retrain a cached
+# checkpoint), and a record that skipped samples says so itself (ResultRecord.skipped_samples).
+# decode too: its paths agree within one grey level (docs/performance.md); draft_factor does not, so it counts.
+NOT_HASHED = frozenset({"data_root", "cache_dir", "results_dir", "reports_dir", "eval_batch_size", "workers",
+                        "device", "run_name", "report", "trust_pickle", "on_bad_sample", "checkpoint_every",
+                        "decode", "compile", "overwrite", "method_options"})
 
 
 @dataclass(frozen=True)
@@ -44,13 +57,7 @@ class RunConfig:
     draft_factor: float | None = None  # JPEG DCT-domain downscaling while >= factor x the resize (opt-in)
     compile: bool = False          # torch.compile the evaluated models
 
-    # Fields that change where things go or how fast, not what is computed: left out of the hash.
-    # on_bad_sample too: it changes nothing on intact data (a skip-mode run must not retrain a cached
-    # checkpoint), and a record that skipped samples says so itself (ResultRecord.skipped_samples).
-    # decode too: its paths agree within one grey level (docs/performance.md); draft_factor does not, so it is hashed.
-    _NOT_HASHED = frozenset({"data_root", "cache_dir", "results_dir", "reports_dir", "eval_batch_size", "workers",
-                             "device", "run_name", "report", "trust_pickle", "on_bad_sample", "checkpoint_every",
-                             "decode", "compile"})
+    overwrite: bool = False        # a --run-name already used by another config: replace its records
 
     def __post_init__(self) -> None:
         check_fields(self)  # every source (TOML, Python, CLI) is held to the declared types
@@ -62,22 +69,10 @@ class RunConfig:
             raise ValueError(f"checkpoint_every must be >= 0 (0 = never), got {self.checkpoint_every}")
         if self.draft_factor is not None and self.draft_factor < 1:
             raise ValueError(f"draft_factor must be >= 1 (or unset), got {self.draft_factor}")
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that determine the results, with a local checkpoint replaced by its content hash."""
-        from robustbench_ft.methods.registry import get_method
-
-        ident = {k: v for k, v in asdict(self).items() if k not in self._NOT_HASHED}
-        ident["pretrained"] = pretrained_identity(self.model, self.pretrained)
-        ident["method_options"] = get_method(self.method).canonical_options(self.method_options)
-        return ident
-
-    def hash(self) -> str:
-        return stable_hash(self.identity())
-
-    @property
-    def name(self) -> str:
-        return self.run_name or f"{self.suite}-{self.model}-{self.method}-{self.hash()[:8]}"
+        if self.run_name is not None and not RUN_NAME.fullmatch(self.run_name):
+            raise ConfigError(f"run_name {self.run_name[:80]!r} must be one folder name of 1-{MAX_RUN_NAME} letters, "
+                              "digits and . _ + = - (starting with a letter or digit), not a path: it names "
+                              "<results-dir>/<run-name>/ and <reports-dir>/<run-name>/")
 
     def with_method(self, method: str, options: dict[str, Any]) -> "RunConfig":
         return replace(self, method=method, method_options=dict(options))
@@ -127,34 +122,3 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     for key, value in override.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
-
-
-def stable_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()).hexdigest()
-
-
-def pretrained_identity(model: str, pretrained: str) -> str:
-    """A tag stays a tag; a file (local or bundled) is identified by its content, not its path."""
-    bundled = BUNDLED_WEIGHTS.get((model, pretrained))
-    return content_identity(str(bundled) if bundled is not None else pretrained)
-
-
-def content_identity(value: Any) -> Any:
-    """A checkpoint file named by ``value`` as ``sha256:<digest>`` of its content; any other value as it is.
-
-    Config hashes use it for ``--pretrained`` and for method options naming checkpoints (WiSE-FT's
-    ``--finetuned``): the same path holding other weights is another run, and a copy elsewhere is the same.
-    """
-    if not isinstance(value, str):
-        return value
-    path = Path(value)
-    if path.suffix not in CHECKPOINT_SUFFIXES or not path.is_file():
-        return value
-    stat = path.stat()
-    return _file_digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-
-
-@lru_cache(maxsize=64)
-def _file_digest(path: str, mtime_ns: int, size: int) -> str:
-    """Hashed once per file version (a config hash is taken several times per run; checkpoints are large)."""
-    return f"sha256:{file_sha256(Path(path))}"

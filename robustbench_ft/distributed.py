@@ -5,7 +5,7 @@ find each other through ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/`
 :func:`process_group` joins them (NCCL on CUDA, gloo on CPU); every other helper here is a no-op
 in a single process, so the rest of the harness calls them unconditionally. The division of work:
 fine-tuning wraps the model in DistributedDataParallel and each rank loads its slice of every
-global batch (:mod:`robustbench_ft.data.random_access`); evaluation splits shards by rank and sums
+global batch (:mod:`robustbench_ft.loading.training_batches`); evaluation splits shards by rank and sums
 the logits back together (:func:`all_reduce_sum`); only rank 0 writes caches, checkpoints, records
 and reports, and the others wait at a barrier where they would read them.
 """

@@ -6,9 +6,9 @@ The definitions follow the sources that report them:
 * ``top1``: accuracy of the arg-max.
 * ``macro_f1``: the mean over classes of F1 = 2·TP / (2·TP + FP + FN), over the classes *present in
   the ground truth* only, as WILDS scores iWildCam (``F1(average="macro")`` calls
-  ``sklearn.metrics.f1_score(y_true, y_pred, average="macro", labels=unique(y_true))``): a class
-  that is predicted but absent from the ground truth adds no F1 term of its own, though the
-  samples predicted as it still count as false negatives of their true classes.
+  ``sklearn.metrics.f1_score(y_true, y_pred, average="macro", labels=unique(y_true))``, which is
+  what runs here): a class that is predicted but absent from the ground truth adds no F1 term of
+  its own, though the samples predicted as it still count as false negatives of their true classes.
 * ``worst_region_acc``: the lowest accuracy over the regions of the samples' ``meta["region"]``,
   ``Other`` excluded, as WILDS' ``FMoWDataset.eval`` computes it.
 * ``ece``: expected calibration error of the softmax confidence (the top probability) with 15
@@ -17,10 +17,12 @@ The definitions follow the sources that report them:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+from sklearn.metrics import f1_score
 
 MetricFn = Callable[[np.ndarray, np.ndarray, Sequence[dict]], float]
 ECE_BINS = 15
@@ -45,14 +47,7 @@ def top1(logits: np.ndarray, labels: np.ndarray, metas: Sequence[dict] = ()) -> 
 def macro_f1(logits: np.ndarray, labels: np.ndarray, metas: Sequence[dict] = ()) -> float:
     """Mean F1 over the classes present in ``labels`` (WILDS' iWildCam metric; see the module docstring)."""
     logits, labels = _check(logits, labels, "macro-F1")
-    pred = logits.argmax(axis=1)
-    scores = []
-    for c in np.unique(labels):
-        tp = np.sum((pred == c) & (labels == c))
-        fp = np.sum((pred == c) & (labels != c))
-        fn = np.sum((pred != c) & (labels == c))
-        scores.append(2.0 * tp / (2.0 * tp + fp + fn))  # fn + tp >= 1: c is present
-    return float(np.mean(scores))
+    return float(f1_score(labels, logits.argmax(axis=1), average="macro", labels=np.unique(labels)))
 
 
 def group_accuracies(logits: np.ndarray, labels: np.ndarray, groups: Sequence) -> dict:
@@ -110,14 +105,46 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, metas: Se
     return float(ece)
 
 
-METRICS: dict[str, MetricFn] = {
-    "top1": top1,
-    "macro_f1": macro_f1,
-    "worst_region_acc": partial(worst_meta_group_accuracy, key="region", exclude=FMOW_EXCLUDED_REGIONS),
-    "ece": expected_calibration_error,
-}
-# Whether a metric needs the per-sample metadata of the shards (then the logits cache is bypassed).
-NEEDS_META: set[str] = {"worst_region_acc"}
+@dataclass(frozen=True)
+class Metric:
+    """One metric: its function, whether it reads per-sample metadata (then the logits cache, which
+    keeps no metadata, is bypassed) and whether higher is better (an error metric such as ECE is not)."""
+
+    name: str
+    fn: MetricFn
+    needs_meta: bool = False
+    higher_is_better: bool = True
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("top1", top1),
+    Metric("macro_f1", macro_f1),
+    Metric("worst_region_acc", partial(worst_meta_group_accuracy, key="region", exclude=FMOW_EXCLUDED_REGIONS),
+           needs_meta=True),
+    Metric("ece", expected_calibration_error, higher_is_better=False),
+)}
+
+
+def needs_meta(names: Iterable[str]) -> bool:
+    """Whether any of the metrics ``names`` reads per-sample metadata."""
+    return any(METRICS[n].needs_meta for n in names)
+
+
+# Reference accuracy on the classes of a class-subset shift is stored with the reference's metrics under
+# these keys (imagenet-testbed's "val-on-<shift>-classes"): this module is the one place that builds or reads them.
+def subset_key(shift: str, metric: str = "top1") -> str:
+    """``"top1@imagenet-r"``: reference ``metric`` on the classes of ``shift``."""
+    return f"{metric}@{shift}"
+
+
+def subset_count_key(shift: str) -> str:
+    """``"n@imagenet-r"``: how many reference samples belong to the classes of ``shift``."""
+    return f"n@{shift}"
+
+
+def count_key_of(key: str) -> str:
+    """The count behind a metrics key: ``n@<shift>`` for a subset key, else ``n``."""
+    return subset_count_key(key.split("@", 1)[1]) if "@" in key else "n"
 
 
 def compute(metric: str, logits: np.ndarray, labels: np.ndarray, metas: Sequence[dict] = (),
@@ -129,22 +156,5 @@ def compute(metric: str, logits: np.ndarray, labels: np.ndarray, metas: Sequence
     out = {"top1": top1(logits, labels), "n": int(len(labels))}
     for name in dict.fromkeys((metric, *extra)):
         if name != "top1":
-            out[name] = METRICS[name](logits, labels, metas)
-    return out
-
-
-def reference_subset_scores(logits: np.ndarray, labels: np.ndarray, shifts: Iterable) -> dict[str, float]:
-    """Reference accuracy on each class-subset shift's classes: ``{"top1@<shift>": acc, "n@<shift>": n}``.
-
-    ``shifts`` are dataset specs; those whose classes map into the reference's (``maps_labels``)
-    contribute, scored on the reference samples of their classes as they score themselves
-    (``DatasetSpec.project_reference``). This is the x value of their effective robustness.
-    """
-    out: dict[str, float] = {}
-    for spec in shifts:
-        if getattr(spec, "maps_labels", False):
-            sub_logits, sub_labels = spec.project_reference(logits, labels)
-            if len(sub_labels):
-                out[f"top1@{spec.name}"] = top1(sub_logits, sub_labels)
-                out[f"n@{spec.name}"] = int(len(sub_labels))
+            out[name] = METRICS[name].fn(logits, labels, metas)
     return out

@@ -1,30 +1,62 @@
-"""Result records: one JSON file per evaluated classifier, written atomically.
+"""Result records: one JSON file per evaluated classifier, written atomically, checked when read.
 
 All stored accuracies and effective-robustness values are fractions (0.873 = 87.3 %); reports
 and tables convert to percent. A record names everything needed to reproduce it (the run config
 and its hash, software versions) and to compare it (suite, reference, shifts, the baseline used).
+A record read from disk may come from anyone, so every field's type, every value's range and the
+consistency of counts and averages are checked before it reaches a board or a report.
 
 Schema versions: 2 added ``summary`` (aggregates a paper reports without their parts, e.g. a mean
 over five shifts) and the ``submitted`` kind; 3 added ``skipped_samples`` (what a run with
-``--on-bad-sample skip`` left out). Older files load unchanged (empty summary, nothing skipped).
+``--on-bad-sample skip`` left out); 4 added ``data`` (the manifest hashes of the shard sets scored and
+trained on). Older files load unchanged (empty summary, nothing skipped, no data identity).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import re
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal, get_args
 
-SCHEMA_VERSION = 3
-SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3)
+from robustbench_ft.util import DuplicateKeyError, atomic_write_text, unique_keys
+
+SCHEMA_VERSION = 4
+SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3, 4)
 RECORD_KINDS = ("reproduced", "published", "baseline", "submitted")
+
+
+Endpoint = Literal["zeroshot", "finetuned"]
+ENDPOINTS: tuple[str, ...] = get_args(Endpoint)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a candidate sits in a report: its α on an interpolation curve, the curve (points of one curve
+    are joined in α order), which end of the curve it is, and the method behind the fine-tuned end.
+
+    Stored in a record's ``tags`` under these names (``{"alpha": 0.5, "curve": "wise-ft/finetune"}``); this
+    class is the one place that knows them.
+    """
+
+    alpha: float | None = None
+    curve: str | None = None
+    endpoint: str | None = None
+    base: str | None = None
+
+    def tags(self) -> dict[str, Any]:
+        return {k: (float(v) if k == "alpha" else v) for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, Any]) -> "Placement":
+        """The placement a record's tags give (values of the wrong type, from a hand-made file, count as unset)."""
+        alpha = tags.get("alpha")
+        texts = {k: tags.get(k) if isinstance(tags.get(k), str) else None for k in ("curve", "endpoint", "base")}
+        number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
+        return cls(float(alpha) if number else None, **texts)
 
 
 class RecordError(ValueError):
@@ -59,6 +91,9 @@ class ResultRecord:
     # "key" (None: the rest of a shard, or all of it), "count", "reason"}, ...], "events_omitted": k}.
     # The dataset's metrics are over the samples read ("n"); a dataset not listed lost none.
     skipped_samples: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The data it was scored on: "dataset/split" -> the shard set's manifest content hash (see
+    # datasets.build.data_identity); part of record_id, so changed shards are never served this record.
+    data: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def score(self, dataset: str) -> float:
@@ -88,6 +123,10 @@ class ResultRecord:
             return None
         return float(entry["value"])
 
+    @property
+    def placement(self) -> Placement:
+        return Placement.from_tags(self.tags)
+
     def skipped_note(self) -> str:
         """"dataset: N skipped" per dataset that lost unreadable samples ("" if none), for tables."""
         return "; ".join(f"{ds}: {int(entry.get('count', 0))} skipped" for ds, entry in self.skipped_samples.items())
@@ -115,6 +154,8 @@ class ResultRecord:
             raise RecordError(f"{source}: field 'summary' needs schema_version 2 (the file says 1)")
         if version < 3 and data.get("skipped_samples"):
             raise RecordError(f"{source}: field 'skipped_samples' needs schema_version 3 (the file says {version})")
+        if version < 4 and data.get("data"):
+            raise RecordError(f"{source}: field 'data' needs schema_version 4 (the file says {version})")
         _check_types(data, source)
         _check_values(data, source)
         record = cls(**{**data, "schema_version": SCHEMA_VERSION})
@@ -175,6 +216,9 @@ def _check_types(data: dict[str, Any], source: str) -> None:
                 or not isinstance(entry.get("over"), list) or not all(isinstance(d, str) for d in entry["over"])):
             raise RecordError(f"{source}: summary[{key!r}] must be an object with 'metric' (string), 'value' "
                               f"(number) and 'over' (list of dataset names)")
+    identity = data.get("data", {})
+    if not isinstance(identity, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in identity.items()):
+        raise RecordError(f"{source}: field 'data' must be an object of \"dataset/split\" -> manifest hash (strings)")
     skipped = data.get("skipped_samples", {})
     if not isinstance(skipped, dict) or not all(
             isinstance(e, dict) and isinstance(e.get("count"), int) and not isinstance(e["count"], bool)
@@ -249,12 +293,6 @@ def _check_values(data: dict[str, Any], source: str) -> None:
                               f"got {value!r}")
 
 
-def slugify(text: str) -> str:
-    """A file-system-safe name for a candidate or run ("wise-ft α=0.50" -> "wise-ft-alpha-0.50")."""
-    text = text.replace("α", "alpha").replace("=", "-")
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.").lower() or "record"
-
-
 def software_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -271,42 +309,9 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory, fsync, then rename: readers see the old
-    file or the whole new one, never a truncated one, even if the process is killed mid-write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; records and reports are meant to be shared
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def write_record(record: ResultRecord, path: Path) -> Path:
     atomic_write_text(Path(path), json.dumps(record.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n")
     return Path(path)
-
-
-def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``object_pairs_hook`` for ``json.loads`` that refuses an object naming a key twice (JSON parsers
-    disagree on which value wins, so a file could show one reader one number and another another)."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise RecordError(f"the key {key[:40]!r} appears twice in one object")
-        out[key] = value
-    return out
 
 
 def load_record(path: Path) -> ResultRecord:
@@ -315,7 +320,7 @@ def load_record(path: Path) -> ResultRecord:
         data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except json.JSONDecodeError as exc:
         raise RecordError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); delete or regenerate it") from exc
-    except RecordError as exc:
+    except DuplicateKeyError as exc:
         raise RecordError(f"{path}: {exc}") from None
     return ResultRecord.from_dict(data, source=str(path))
 

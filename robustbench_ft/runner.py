@@ -1,14 +1,16 @@
 """``run(config)``: what ``robustbench-ft run`` does, callable from Python.
 
-config -> model -> method candidates -> one evaluation pass per dataset -> metrics and effective
-robustness -> one result record per candidate -> HTML report. Records already written for the same
-config are reused, and logits are cached, so an interrupted run resumes where it stopped.
+config -> resolved run (suite defaults applied, identity hashed) -> data prepared and identified ->
+model -> method candidates -> one evaluation pass per dataset -> metrics and effective robustness ->
+one result record per candidate -> HTML report. Records already written for the same run and data
+are reused, and logits are cached, so an interrupted run resumes where it stopped.
 
 Under ``torchrun`` every process runs this same function (see :mod:`robustbench_ft.distributed`):
 they fine-tune together and split evaluation, and only rank 0 logs, writes records and renders.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,17 +20,25 @@ from typing import Callable
 import torch
 
 from robustbench_ft import distributed
-from robustbench_ft.config import RunConfig, stable_hash
-from robustbench_ft.data.registry import ensure_dataset, get_dataset, get_suite, prepare_suite, silent
-from robustbench_ft.data.shards import Manifest
-from robustbench_ft.evaluate import LogitsCache, evaluate_cached
-from robustbench_ft.methods.base import Candidate, MethodContext
-from robustbench_ft.methods.registry import get_method
-from robustbench_ft import metrics as metrics_mod
+from robustbench_ft.config import RunConfig
+from robustbench_ft.datasets.build import data_identity, ensure_dataset, prepare_suite
+from robustbench_ft.datasets.registry import get_dataset
+from robustbench_ft.evaluation.cache import ArrayCache
+from robustbench_ft.evaluation.options import EvalOptions
+from robustbench_ft.evaluation.scoring import SuiteScores, score_suite
+from robustbench_ft.methods.context import Candidate, MethodContext
+from robustbench_ft.methods.resolve import ResolvedRun, resolve
 from robustbench_ft.models.clip import load_clip, resolve_device, resolve_weights
 from robustbench_ft.results import (
-    RecordError, ResultRecord, load_record, now_iso, slugify, software_versions, write_record,
+    RecordError,
+    ResultRecord,
+    iter_record_files,
+    load_record,
+    now_iso,
+    software_versions,
+    write_record,
 )
+from robustbench_ft.util import silent, slugify, stable_hash
 
 
 @dataclass
@@ -38,6 +48,11 @@ class RunOutcome:
     record_paths: list[Path]
     report: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    run: ResolvedRun | None = None
+
+    @property
+    def records_dir(self) -> Path:
+        return Path(self.config.results_dir) / (self.run.name if self.run else self.config.run_name or "")
 
 
 def run(config: RunConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> RunOutcome:
@@ -51,78 +66,60 @@ def run(config: RunConfig, *, progress: bool = True, log: Callable[[str], None] 
 def _run(config: RunConfig, *, progress: bool, log: Callable[[str], None]) -> RunOutcome:
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
-    suite = get_suite(config.suite)
-    method = get_method(config.method)
-    options = method.make_options({**suite.method_defaults.get(config.method, {}), **config.method_options})
+    resolved = resolve(config)  # unknown method, suite or option, or a mistyped value: refused here
+    suite = resolved.suite
     resolve_weights(config.model, config.pretrained)  # reject a bad model or tag before writing anything
     resolve_device(config.device)
     for flag in ("data_root", "cache_dir", "results_dir") + (("reports_dir",) if config.report else ()):
         check_writable(Path(getattr(config, flag)), flag)
+    out_dir = Path(config.results_dir) / resolved.name
+    claim_run_dir(out_dir, resolved)
     specs = {name: get_dataset(name) for name in suite.eval_datasets}
     root = Path(config.data_root)
     skip = config.on_bad_sample == "skip"
     with distributed.main_first():  # rank 0 builds what is missing, the others then find it
         prepare_suite(suite, root, processes=max(1, config.workers), log=log)
         dirs = {name: ensure_dataset(spec, root, "test", log=log, damaged_ok=skip) for name, spec in specs.items()}
+    data = data_identity(suite, root)
     timings = {"prepare_data": time.perf_counter() - t0}
 
     t = time.perf_counter()
     clip = load_clip(config.model, config.pretrained, distributed.rank_device(config.device), config.precision,
                      trust_pickle=config.trust_pickle)
-    ctx = MethodContext(config, clip, suite, options, progress, log)
-    candidates = method.cls().run(ctx)
-    if not candidates:
-        raise RuntimeError(f"method {config.method!r} produced no candidate")
-    names = [c.name for c in candidates]
-    if len(set(names)) != len(names):
-        raise RuntimeError(f"method {config.method!r} produced duplicate candidate names: {names}")
+    ctx = MethodContext(resolved, clip, data, progress, log)
+    candidates = resolved.method.cls().run(ctx)
+    check_candidates(config.method, candidates)
     timings["method"] = time.perf_counter() - t
 
-    out_dir = Path(config.results_dir) / config.name
-    config_hash = config.hash()
+    key = resolved.key(data)
     paths = {c.name: out_dir / f"{slugify(c.name)}.json" for c in candidates}
-    records: dict[str, ResultRecord] = {}
-    for c in candidates:  # resume: a record of this exact config and candidate is final
-        try:
-            existing = load_record(paths[c.name]) if paths[c.name].is_file() else None
-        except RecordError:
-            existing = None
-        # one that skipped unreadable samples is final only for a run that skips them too
-        if (existing is not None and existing.record_id == _record_id(config_hash, c.name)
-                and (skip or not existing.skipped_samples)):
-            records[c.name] = existing
+    records = _finished_records(candidates, paths, key, skip)
     pending = [c for c in candidates if c.name not in records]
     if len(pending) < len(candidates):
         log(f"reusing {len(candidates) - len(pending)} finished record(s) in {out_dir}")
-
     if pending:
         t = time.perf_counter()
-        scores, eval_seconds, skipped = _evaluate_all(pending, specs, dirs, clip.preprocess_eval, config, progress,
-                                                      suite.reference, log)
+        options = EvalOptions.from_config(config, clip.device, progress=progress)
+        scores = score_suite({c.name: c.classifier for c in pending}, specs, dirs, suite.reference,
+                             clip.preprocess_eval, options, cache=ArrayCache(Path(config.cache_dir) / "logits", log),
+                             features=ArrayCache(Path(config.cache_dir) / "features", log), log=log)
         timings["evaluate"] = time.perf_counter() - t
         baseline = _suite_baseline(suite.baseline)
         for c in pending:
-            rec = ResultRecord(
-                record_id=_record_id(config_hash, c.name), suite=suite.name, model=config.model,
-                pretrained=config.pretrained, method=config.method, candidate=c.name, reference=suite.reference,
-                shifts=list(suite.shifts), metrics=scores[c.name],
-                primary_metric={n: s.metric for n, s in specs.items()}, tags=_jsonable(c.tags),
-                config=config.to_dict(), config_hash=config_hash, versions=software_versions(),
-                timings={**{k: round(v, 3) for k, v in timings.items()},
-                         **{f"eval_{n}": round(s, 3) for n, s in eval_seconds.items()}},
-                created=now_iso(), skipped_samples=skipped,
-            )
+            rec = _record(c, resolved, key, data, scores, timings)
             if baseline is not None:
-                from robustbench_ft.robustness import attach_effective_robustness
+                from robustbench_ft.robustness.effective import attach_effective_robustness
 
                 attach_effective_robustness(rec, baseline)
             if distributed.world().is_main:
                 write_record(rec, paths[c.name])
             records[c.name] = rec
+    if config.overwrite and distributed.world().is_main:
+        _remove_other_records(out_dir, set(paths.values()))
     ordered = [records[c.name] for c in candidates]
-    outcome = RunOutcome(config, ordered, [paths[c.name] for c in candidates], None, timings)
+    outcome = RunOutcome(config, ordered, [paths[c.name] for c in candidates], None, timings, resolved)
     if config.report and distributed.world().is_main:
-        outcome.report = render_run_report(ordered, config, suite.baseline)
+        outcome.report = render_run_report(ordered, resolved)
     timings["total"] = time.perf_counter() - t0
     return outcome
 
@@ -139,70 +136,98 @@ def check_writable(directory: Path, flag: str) -> None:
                               f"--{flag.replace('_', '-')}") from None
 
 
-def _record_id(config_hash: str, candidate: str) -> str:
-    return stable_hash([config_hash, candidate])[:16]
+def claim_run_dir(out_dir: Path, resolved: ResolvedRun) -> None:
+    """Check, before any work, that ``out_dir`` may hold this run's records: a folder holding records of
+    another configuration (a ``--run-name`` used before with other settings) is refused, since they
+    would be overwritten or mixed in, unless ``overwrite`` asks to replace them."""
+    if resolved.config.overwrite or not out_dir.is_dir():
+        return
+    others = set()
+    for path in iter_record_files([out_dir]):
+        try:
+            record = load_record(path)
+        except RecordError:
+            continue
+        if record.config_hash != resolved.hash:
+            others.add(record.config_hash[:12] or "(none)")
+    if others:
+        raise FileExistsError(f"{out_dir} holds records of another configuration (config {', '.join(sorted(others))}; "
+                              f"this run is {resolved.hash[:12]}); choose another --run-name, or pass --overwrite to "
+                              "replace them")
 
 
-def _jsonable(tags: dict) -> dict:
-    return {k: (float(v) if isinstance(v, float) else v) for k, v in tags.items()}
+def check_candidates(method: str, candidates: list[Candidate]) -> None:
+    if not candidates:
+        raise RuntimeError(f"method {method!r} produced no candidate")
+    names = [c.name for c in candidates]
+    slugs = [slugify(n) for n in names]
+    if len(set(slugs)) != len(slugs):  # names become file names: two that slugify alike would overwrite
+        raise RuntimeError(f"method {method!r} produced candidate names that are not distinct: {names}")
 
 
-def _evaluate_all(candidates: list[Candidate], specs, dirs, transform, config: RunConfig, progress: bool,
-                  reference: str, log: Callable[[str], None] = print):
-    """One pass per dataset over all candidates; metrics per candidate and dataset.
+def record_id(key: str, candidate: str) -> str:
+    """A record's id: the run's key (identity and data) and the candidate's name."""
+    return stable_hash([key, candidate])[:16]
 
-    Classifiers output logits over the reference's classes; each dataset's spec maps them onto its
-    own (``DatasetSpec.project_logits``), and the reference's metrics also hold its accuracy on the
-    classes of each class-subset shift (``top1@<shift>``), the x value of that shift's effective
-    robustness. A shard set built with files skipped says how many (``num_skipped``). With
-    ``on_bad_sample="skip"``, samples unreadable now are left out, the metrics are over the samples
-    read, and the third return value says per dataset what was skipped (``ResultRecord.skipped_samples``).
-    """
-    cache = LogitsCache(Path(config.cache_dir) / "logits")
-    features = LogitsCache(Path(config.cache_dir) / "features")  # shared with the linear probe's training features
-    classifiers = {c.name: c.classifier for c in candidates}
-    scores: dict[str, dict[str, dict]] = {c.name: {} for c in candidates}
-    seconds: dict[str, float] = {}
-    unread: dict[str, dict] = {}
-    for name, spec in specs.items():
-        preds = evaluate_cached(classifiers, dirs[name], transform, cache, batch_size=config.eval_batch_size,
-                                workers=config.workers, device=next(iter(classifiers.values())).head.weight.device,
-                                precision=config.precision, progress=progress, desc=f"eval {name}",
-                                keep_meta=bool(metrics_mod.NEEDS_META & {spec.metric, *spec.extra_metrics}),
-                                num_outputs=len(specs[reference].classnames), on_bad=config.on_bad_sample,
-                                features=features, decode=config.decode, draft_factor=config.draft_factor,
-                                compile_model=config.compile)
-        seconds[name] = preds.seconds
-        if preds.skipped:
-            unread[name] = preds.skipped
-            log(f"warning: {name}: skipped {preds.skipped['count']} unreadable sample(s); its metrics are over the "
-                f"{len(preds.labels)} read (listed in the records)")
-        skipped = Manifest.load(dirs[name]).metadata.get("num_skipped")
-        for cname in classifiers:
-            logits = spec.project_logits(preds.logits[cname])
-            scores[cname][name] = metrics_mod.compute(spec.metric, logits, preds.labels, preds.metas,
-                                                      spec.extra_metrics)
-            if skipped is not None:
-                scores[cname][name]["num_skipped"] = int(skipped)
-            if name == reference:
-                scores[cname][name].update(metrics_mod.reference_subset_scores(preds.logits[cname], preds.labels,
-                                                                               specs.values()))
-    return scores, seconds, unread
+
+def _finished_records(candidates: list[Candidate], paths: dict[str, Path], key: str,
+                      skip: bool) -> dict[str, ResultRecord]:
+    """The records of this exact run, data and candidate already written (final; a resumed run keeps them)."""
+    records = {}
+    for c in candidates:
+        try:
+            existing = load_record(paths[c.name]) if paths[c.name].is_file() else None
+        except RecordError:
+            existing = None
+        # one that skipped unreadable samples is final only for a run that skips them too
+        if (existing is not None and existing.record_id == record_id(key, c.name)
+                and (skip or not existing.skipped_samples)):
+            records[c.name] = existing
+    return records
+
+
+def _record(c: Candidate, resolved: ResolvedRun, key: str, data: dict[str, str], scores: SuiteScores,
+            timings: dict[str, float]) -> ResultRecord:
+    config, suite = resolved.config, resolved.suite
+    return ResultRecord(
+        record_id=record_id(key, c.name), suite=suite.name, model=config.model, pretrained=config.pretrained,
+        method=resolved.method.name, candidate=c.name, reference=suite.reference, shifts=list(suite.shifts),
+        metrics=scores.metrics[c.name], primary_metric={n: get_dataset(n).metric for n in suite.eval_datasets},
+        tags=_as_json(c.tags), config=_as_json({**config.to_dict(), "resolved": resolved.identity}),
+        config_hash=resolved.hash,
+        versions=software_versions(),
+        timings={**{k: round(v, 3) for k, v in timings.items()},
+                 **{f"eval_{n}": round(s, 3) for n, s in scores.seconds.items()}},
+        created=now_iso(), skipped_samples=scores.skipped, data=data,
+    )
+
+
+def _as_json(value: dict) -> dict:
+    """``value`` as it reads back from a record file (tuples as lists), so a fresh record equals a reused one."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _remove_other_records(out_dir: Path, keep: set[Path]) -> None:
+    """With ``--overwrite``: the folder's records that this run did not write go (another config's)."""
+    for path in iter_record_files([out_dir]):
+        if path not in keep:
+            path.unlink(missing_ok=True)
 
 
 def _suite_baseline(name: str | None):
     if name is None:
         return None
-    from robustbench_ft.robustness import load_baseline
+    from robustbench_ft.robustness.baseline import load_baseline
 
     return load_baseline(name)
 
 
-def render_run_report(records: list[ResultRecord], config: RunConfig, baseline_name: str | None) -> Path:
+def render_run_report(records: list[ResultRecord], resolved: ResolvedRun) -> Path:
     """The run's HTML report, with the suite's baseline models drawn behind the candidates."""
     from robustbench_ft.report import render_report
-    from robustbench_ft.robustness import baseline_records
+    from robustbench_ft.robustness.baseline import baseline_records
 
+    config, baseline_name = resolved.config, resolved.suite.baseline
     shown = records + (baseline_records(baseline_name) if baseline_name else [])
-    return render_report(shown, Path(config.reports_dir) / config.name, baseline=_suite_baseline(baseline_name),
-                         title=f"{config.method} on {config.suite} ({config.model}, {config.pretrained})")
+    return render_report(shown, Path(config.reports_dir) / resolved.name, baseline=_suite_baseline(baseline_name),
+                         title=f"{resolved.method.name} on {config.suite} ({config.model}, {config.pretrained})")

@@ -9,8 +9,9 @@ import torch
 from hypothesis import settings
 from PIL import Image
 
-from robustbench_ft.data.registry import DatasetSpec, Suite, get_suite, register_dataset, register_suite
-from robustbench_ft.data.shards import write_shards
+from robustbench_ft.datasets.registry import get_suite, register_dataset, register_suite
+from robustbench_ft.datasets.spec import DatasetSpec, Suite
+from robustbench_ft.shards.writer import write_shards
 
 torch.set_num_threads(1)
 

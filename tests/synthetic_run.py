@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import conftest  # noqa: E402,F401  (registers the synthetic suite)
+
 from robustbench_ft.cli import main  # noqa: E402
 from robustbench_ft.methods import training  # noqa: E402
 

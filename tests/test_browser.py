@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from robustbench_ft.leaderboard import build_leaderboard, write_leaderboard
-from robustbench_ft.report import render_report
-
 from test_report import synthetic_records
+
+from robustbench_ft.board.leaderboard import build_leaderboard, write_leaderboard
+from robustbench_ft.report import render_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed "

@@ -10,10 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from robustbench_ft.data.shards import write_shards
-from robustbench_ft.evaluate import LogitsCache, RowStore, evaluate, evaluate_cached
+from robustbench_ft.evaluation.cache import ArrayCache
+from robustbench_ft.evaluation.dataset_pass import evaluate, evaluate_cached
+from robustbench_ft.evaluation.options import EvalOptions
+from robustbench_ft.evaluation.rows import RowStore
 from robustbench_ft.models.classifier import Classifier, interpolate
 from robustbench_ft.models.clip import load_clip
+from robustbench_ft.shards.writer import write_shards
 
 CLASSES = ("a", "b", "c")
 
@@ -57,10 +60,10 @@ class ForwardCounter:
         self.calls += 1
 
 
-def run(classifiers, directory, transform, tmp_path, **kwargs):
-    return evaluate_cached(classifiers, directory, transform, LogitsCache(tmp_path / "cache" / "logits"),
-                           features=LogitsCache(tmp_path / "cache" / "features"), batch_size=8, progress=False,
-                           **kwargs)
+def run(classifiers, directory, transform, tmp_path, **options):
+    return evaluate_cached(classifiers, directory, transform, ArrayCache(tmp_path / "cache" / "logits"),
+                           EvalOptions(batch_size=8, progress=False, **options),
+                           features=ArrayCache(tmp_path / "cache" / "features"))
 
 
 def test_second_report_costs_no_forward_pass(clip, zeroshot, dataset, tmp_path):
@@ -82,7 +85,7 @@ def test_changed_weights_miss_the_caches(clip, zeroshot, dataset, tmp_path):
     out = run({"zs": zeroshot, "new-head": other_head}, dataset, clip.preprocess_eval, tmp_path)
     # a new head on a cached encoder: scored from the cached features, no image touched
     assert counter.calls == 0 and out.forward_passes == 0
-    direct = evaluate({"new-head": other_head}, dataset, clip.preprocess_eval, batch_size=8, progress=False)
+    direct = evaluate({"new-head": other_head}, dataset, clip.preprocess_eval, EvalOptions(batch_size=8, progress=False))
     np.testing.assert_allclose(out.logits["new-head"], direct.logits["new-head"], rtol=1e-5, atol=1e-5)
 
     changed = Classifier.zeroshot(clip, CLASSES, ["{}"])
@@ -138,9 +141,8 @@ def test_wise_ft_sweep_of_linear_heads_is_scored_from_features(clip, zeroshot, d
 
 
 def test_streamed_logits_equal_in_memory_ones_and_stay_on_disk(clip, zeroshot, dataset, tmp_path):
-    in_memory = evaluate({"zs": zeroshot}, dataset, clip.preprocess_eval, batch_size=8, progress=False, workers=2)
-    streamed = evaluate({"zs": zeroshot}, dataset, clip.preprocess_eval, batch_size=8, progress=False, workers=2,
-                        store=tmp_path / "rows")
+    in_memory = evaluate({"zs": zeroshot}, dataset, clip.preprocess_eval, EvalOptions(batch_size=8, progress=False, workers=2))
+    streamed = evaluate({"zs": zeroshot}, dataset, clip.preprocess_eval, EvalOptions(batch_size=8, progress=False, workers=2), store=tmp_path / "rows")
     assert isinstance(streamed.logits["zs"], np.memmap)
     np.testing.assert_array_equal(in_memory.logits["zs"], streamed.logits["zs"])
     np.testing.assert_array_equal(in_memory.labels, streamed.labels)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -123,7 +122,7 @@ def test_bad_checkpoints_are_refused_with_the_reason(tmp_path, finetuned):
 
 
 def test_import_checkpoint_cli_then_wise_ft_run_uses_it(tmp_path, run_dirs, capsys):
-    from robustbench_ft.data.registry import get_dataset
+    from robustbench_ft.datasets.registry import get_dataset
 
     ref = get_dataset("synth")
     torch.manual_seed(5)

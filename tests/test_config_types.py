@@ -15,10 +15,10 @@ import typing
 from pathlib import Path
 
 import pytest
+from fuzzing import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzzing import examples
 from robustbench_ft.cli import main, run_config_from_argv
 from robustbench_ft.config import RunConfig
 from robustbench_ft.methods.registry import get_method, list_methods

@@ -13,13 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SYNTH_CLASSES, SYNTH_TEMPLATES, synth_image
+
 from robustbench_ft import RunConfig, run
 from robustbench_ft.cli import main
-from robustbench_ft.data.registry import DatasetSpec, Suite, get_suite, register_dataset, register_suite
-from robustbench_ft.data.shards import ShardError, encode_image
+from robustbench_ft.datasets.registry import get_suite, register_dataset, register_suite
+from robustbench_ft.datasets.spec import DatasetSpec, Suite
+from robustbench_ft.evaluation.options import EvalOptions
+from robustbench_ft.methods.resolve import resolve
 from robustbench_ft.results import load_records
+from robustbench_ft.shards.manifest import ShardError
+from robustbench_ft.shards.writer import encode_image
 
 DATASET = "damaged-shift"
 SUITE = "synthetic-damaged"
@@ -183,7 +187,7 @@ def test_skip_records_are_not_reused_by_a_strict_run(run_dirs):
     strict = run(RunConfig(**TINY, **run_dirs), progress=False, log=logs.append)
     assert not any("reusing" in m for m in logs)
     assert strict.records[0].skipped_samples == {} and strict.records[0].metrics[DATASET]["n"] == 12
-    assert strict.config.hash() == skipped.config.hash()
+    assert resolve(strict.config).hash == resolve(skipped.config).hash
 
 
 def test_cli_flag_and_report_show_skipped_samples(run_dirs, capsys, tmp_path):
@@ -220,7 +224,7 @@ def test_skip_mode_with_dataloader_workers(run_dirs):
 def test_a_missing_sample_that_reads_fine_afterwards_is_still_counted_and_listed(tmp_path):
     """describe_skipped trusts the pass's missing indices: a sample it can read now (a transient read
     error in a worker) is counted and listed as such, not dropped from the report."""
-    from robustbench_ft.data.loader import describe_skipped
+    from robustbench_ft.loading.shard_dataset import describe_skipped
 
     write_raw_shards(tmp_path)
     report = describe_skipped(tmp_path, [5])
@@ -231,11 +235,11 @@ def test_a_missing_sample_that_reads_fine_afterwards_is_still_counted_and_listed
 def test_device_decode_path_names_shard_and_key(tmp_path):
     """The GPU path sees encoded bytes and manifest indices only; its error still names shard and key
     (the same code runs with device="cpu", libjpeg-turbo instead of nvJPEG)."""
-    from robustbench_ft.evaluate import evaluate
+    from robustbench_ft.evaluation.dataset_pass import evaluate
     from robustbench_ft.models import Classifier, load_clip
 
     write_raw_shards(tmp_path, CASES["corrupt-jpeg"][0])
     clip = load_clip("rbft-tiny-vit", "random")
     classifier = Classifier.zeroshot(clip, list(SYNTH_CLASSES), list(SYNTH_TEMPLATES))
     with pytest.raises(ShardError, match=rf"{DATASET}-000001\.tar: sample 'k005' does not decode"):
-        evaluate({"zs": classifier}, tmp_path, clip.preprocess_eval, batch_size=4, decode="device", progress=False)
+        evaluate({"zs": classifier}, tmp_path, clip.preprocess_eval, EvalOptions(batch_size=4, decode="device", progress=False))

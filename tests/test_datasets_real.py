@@ -20,11 +20,15 @@ from PIL import Image
 
 from robustbench_ft import RunConfig, run
 from robustbench_ft.cli import main
-from robustbench_ft.data import imagenet, transfer, wilds
-from robustbench_ft.data.convert import ConversionError, ConvertOptions, convert_dataset, load_list
-from robustbench_ft.data.loader import ShardDataset
-from robustbench_ft.data.registry import DatasetSpec, Suite, get_dataset, get_suite, register_dataset, register_suite
-from robustbench_ft.data.shards import Manifest, ShardError, verify_shards
+from robustbench_ft.convert.engine import convert_dataset
+from robustbench_ft.convert.sources import ConversionError, ConvertOptions
+from robustbench_ft.datasets import imagenet, transfer, wilds
+from robustbench_ft.datasets.class_lists import load_list
+from robustbench_ft.datasets.registry import get_dataset, get_suite, register_dataset, register_suite
+from robustbench_ft.datasets.spec import DatasetSpec, Suite
+from robustbench_ft.loading.shard_dataset import ShardDataset
+from robustbench_ft.shards.manifest import Manifest, ShardError
+from robustbench_ft.shards.verify import verify_shards
 
 SUBSET = ConvertOptions(allow_count_mismatch=True, workers=1, progress=False)
 TINY = dict(model="rbft-tiny-vit", pretrained="random", method="zeroshot", report=False)
@@ -359,7 +363,7 @@ def test_cars_flowers_caltech_read_their_mat_files_and_folders(tmp_path):
 
 
 def test_killed_conversion_resumes_without_redoing_finished_shards(tmp_path, monkeypatch):
-    from robustbench_ft.data import convert
+    from robustbench_ft.convert import engine as convert
 
     wnids = load_list("imagenet_r_wnids.txt")
     src = tmp_path / "imagenet-r"

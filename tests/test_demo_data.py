@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from robustbench_ft.data import demo
-from robustbench_ft.data.corruptions import CORRUPTIONS
-from robustbench_ft.data.digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES
-from robustbench_ft.data.fonts import HELDOUT_FONTS
-from robustbench_ft.data.registry import get_dataset, get_suite
-from robustbench_ft.data.shards import Manifest, RawSample, read_shard, verify_shards
+from robustbench_ft.datasets.registry import get_dataset, get_suite
+from robustbench_ft.demo import samples as demo
+from robustbench_ft.demo.corruptions import CORRUPTIONS
+from robustbench_ft.demo.digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES
+from robustbench_ft.demo.fonts import HELDOUT_FONTS
+from robustbench_ft.shards.manifest import Manifest
+from robustbench_ft.shards.reader import RawSample, read_shard
+from robustbench_ft.shards.verify import verify_shards
 
 
 def _samples(directory: Path) -> list[RawSample]:

@@ -13,13 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from robustbench_ft.data.eval_decode import CPUDecoder, parse_eval_transform, resize_crop
-from robustbench_ft.data.gpu_decode import DeviceDecoder
-from robustbench_ft.data.loader import decode_image
-from robustbench_ft.data.shards import ShardError, write_shards
-from robustbench_ft.evaluate import eval_pipeline, evaluate
+from robustbench_ft.evaluation.dataset_pass import evaluate
+from robustbench_ft.evaluation.options import EvalOptions
+from robustbench_ft.evaluation.pipeline import eval_pipeline
+from robustbench_ft.loading.eval_decode import CPUDecoder, parse_eval_transform, resize_crop
+from robustbench_ft.loading.gpu_decode import DeviceDecoder
+from robustbench_ft.loading.shard_dataset import decode_image
 from robustbench_ft.models.classifier import Classifier
 from robustbench_ft.models.clip import create_architecture, load_clip
+from robustbench_ft.shards.manifest import ShardError
+from robustbench_ft.shards.writer import write_shards
 
 
 def textured(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -137,8 +140,7 @@ def test_top1_is_unchanged_by_the_fast_and_device_paths(tmp_path):
     model = Classifier.zeroshot(clip, ["a", "b", "c"], ["{}"])
     images = ((f"s{i:02d}", textured(96, 72, seed=i), i % 3, None) for i in range(30))
     write_shards(images, tmp_path / "set", "set", ["a", "b", "c"], samples_per_shard=10, image_format="jpg")
-    preds = {mode: evaluate({"m": model}, tmp_path / "set", clip.preprocess_eval, batch_size=16, progress=False,
-                            decode=mode) for mode in ("reference", "fast", "device")}
+    preds = {mode: evaluate({"m": model}, tmp_path / "set", clip.preprocess_eval, EvalOptions(batch_size=16, progress=False, decode=mode)) for mode in ("reference", "fast", "device")}
     ref = preds["reference"].logits["m"]
     for mode in ("fast", "device"):
         got = preds[mode].logits["m"]

@@ -12,15 +12,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from fuzzing import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from robustbench_ft.cli import main
-from robustbench_ft.leaderboard import build_leaderboard, to_csv, to_html, to_markdown
-from robustbench_ft.results import RecordError, ResultRecord, load_records, write_record
-from robustbench_ft.submissions import SubmissionError, add_bundle, make_bundle, read_bundle
-from fuzzing import examples
 from test_submissions import demo_record
+
+from robustbench_ft.board.leaderboard import build_leaderboard, to_csv, to_html, to_markdown
+from robustbench_ft.board.submissions import SubmissionError, add_bundle, make_bundle, read_bundle
+from robustbench_ft.cli import main
+from robustbench_ft.results import RecordError, ResultRecord, load_records, write_record
 
 # --------------------------------------------------------------------------------------------
 # Malicious pickles
@@ -79,8 +79,8 @@ def test_malicious_pickle_runs_no_code_on_any_path(run_dirs, tmp_path, capsys, h
                                       "classnames": ["a"], "templates": ["{}"], "num_classes": 1}, "not json"])
 def test_hostile_classifier_sidecar_is_refused_in_one_line(run_dirs, tmp_path, capsys, sidecar):
     weights = tmp_path / "clf.safetensors"
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"head.weight": torch.zeros(3, 4)}, str(weights))
     weights.with_suffix(".json").write_text(sidecar if isinstance(sidecar, str) else json.dumps(sidecar))
@@ -238,7 +238,7 @@ def test_dataset_without_its_primary_metric_is_refused():
     bundle = copy.deepcopy(BASE)
     bundle["records"][0]["metrics"]["mnist-c"] = {}
     with pytest.raises(SubmissionError, match="has no 'top1'"):
-        from robustbench_ft.submissions import validate_bundle
+        from robustbench_ft.board.submissions import validate_bundle
 
         validate_bundle(bundle)
 
@@ -268,11 +268,16 @@ def test_malicious_training_state_in_the_cache_runs_no_code(run_dirs, tmp_path):
     """The resumable training state is a torch pickle in the cache: read weights-only, a hostile one
     is set aside and training starts over."""
     from robustbench_ft import RunConfig, run
-    from robustbench_ft.methods.base import MethodContext
+    from robustbench_ft.datasets.build import data_identity, prepare_suite
+    from robustbench_ft.methods.context import MethodContext
+    from robustbench_ft.methods.resolve import resolve
 
     config = RunConfig(model="rbft-tiny-vit", pretrained="random", suite="synthetic", report=False,
                        method="finetune", method_options={"max_steps": 2}, **run_dirs)
-    stem = MethodContext(config, None, None, None).checkpoint_path  # type: ignore[arg-type]
+    resolved = resolve(config)
+    prepare_suite(resolved.suite, Path(config.data_root), log=lambda m: None)  # the data is part of the key
+    data = data_identity(resolved.suite, Path(config.data_root))
+    stem = MethodContext(resolved, None, data).checkpoint_path  # type: ignore[arg-type]
     stem.parent.mkdir(parents=True)
     marker = tmp_path / "pwned"
     _evil(stem.with_suffix(".training.pt"), marker)

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from robustbench_ft.board.leaderboard import build_leaderboard, md_escape, render, to_csv, to_html, to_markdown
 from robustbench_ft.cli import main
-from robustbench_ft.leaderboard import build_leaderboard, md_escape, render, to_csv, to_html, to_markdown
 from robustbench_ft.results import RecordError, ResultRecord, load_record, load_records, write_record
-from robustbench_ft.robustness import SHIFT_AVG, Baseline, fit_linear
+from robustbench_ft.robustness.baseline import SHIFT_AVG, Baseline
+from robustbench_ft.robustness.fits import fit_linear
 
 PUBLISHED = Path(__file__).resolve().parent.parent / "results" / "published"
 IN_SHIFTS = ["imagenetv2-matched-frequency", "imagenet-r", "imagenet-sketch", "objectnet", "imagenet-a"]

@@ -12,17 +12,20 @@ import torch
 
 from robustbench_ft import RunConfig
 from robustbench_ft.cli import main
-from robustbench_ft.data.loader import ShardDataset
-from robustbench_ft.data.random_access import sample_seed
-from robustbench_ft.data.registry import Suite, get_suite, register_suite
-from robustbench_ft.evaluate import evaluate
-from robustbench_ft.methods.base import MethodContext
+from robustbench_ft.datasets.registry import get_suite, register_suite
+from robustbench_ft.datasets.spec import Suite
+from robustbench_ft.evaluation.dataset_pass import evaluate
+from robustbench_ft.evaluation.options import EvalOptions
+from robustbench_ft.loading.shard_dataset import ShardDataset
+from robustbench_ft.loading.training_batches import sample_seed
+from robustbench_ft.methods.context import MethodContext
 from robustbench_ft.methods.ensemble import Ensemble
 from robustbench_ft.methods.finetune import Finetune
 from robustbench_ft.methods.flyp import CaptionedContrastiveLoss, Flyp, clip_loss
 from robustbench_ft.methods.l2_sp import L2SP, l2_sp_penalty
 from robustbench_ft.methods.linear_probe import LinearProbe
 from robustbench_ft.methods.registry import get_method
+from robustbench_ft.methods.resolve import resolve
 from robustbench_ft.methods.soup import Soup, greedy_soup
 from robustbench_ft.methods.wise_ft import WiseFT, WiseFTOptions
 from robustbench_ft.models import load_clip
@@ -48,8 +51,7 @@ def clip():
 
 def context(run_dirs: dict, clip, method: str, options: dict, suite: str = "synthetic", seed: int = 0):
     config = RunConfig(method=method, method_options=options, seed=seed, **{**TINY, "suite": suite}, **run_dirs)
-    return MethodContext(config, clip, get_suite(suite), get_method(method).make_options(options), progress=False,
-                         log=lambda m: None)
+    return MethodContext(resolve(config), clip, progress=False, log=lambda m: None)
 
 
 def logits(model, images):
@@ -73,8 +75,7 @@ def test_wise_ft_over_linear_probe_equals_output_space_ensemble(run_dirs, clip):
     calls = []
     wise[0].classifier.visual.register_forward_hook(lambda *a: calls.append(1))
     ctx = context(run_dirs, clip, "wise-ft", options)
-    evaluate({c.name: c.classifier for c in wise}, ctx.split_dir("val"), clip.preprocess_eval, batch_size=64,
-             progress=False)
+    evaluate({c.name: c.classifier for c in wise}, ctx.split_dir("val"), clip.preprocess_eval, EvalOptions(batch_size=64, progress=False))
     assert len(calls) == 1
 
 
@@ -142,8 +143,7 @@ def test_linear_probe_learns_the_training_task(run_dirs, clip):
     """Colour squares on a random encoder: the probe must beat the random zero-shot head on held-out data."""
     ctx = context(run_dirs, clip, "linear-probe", {"c_min": 1.0, "c_max": 1e4, "c_steps": 3})
     (cand,) = LinearProbe().run(ctx)
-    preds = evaluate({"lp": cand.classifier, "zs": ctx.zeroshot}, ctx.split_dir("val"), clip.preprocess_eval,
-                     progress=False)
+    preds = evaluate({"lp": cand.classifier, "zs": ctx.zeroshot}, ctx.split_dir("val"), clip.preprocess_eval, EvalOptions(progress=False))
     assert preds.top1("lp") >= 0.75 and preds.top1("lp") > preds.top1("zs")
 
 
@@ -322,7 +322,7 @@ def test_every_method_runs_from_the_cli(shared_dirs, capsys, case):
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
     """The demo suite's datasets built with their real builders, limited to a few images each."""
-    from robustbench_ft.data.registry import get_dataset
+    from robustbench_ft.datasets.registry import get_dataset
 
     root = tmp_path_factory.mktemp("small-demo") / "data"
     suite = get_suite("demo")

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import f1_score
 
 from robustbench_ft import metrics
-from robustbench_ft.data.registry import DatasetSpec
+from robustbench_ft.datasets.spec import DatasetSpec
+from robustbench_ft.evaluation.scoring import reference_subset_scores
 
 
 def _onehot_logits(pred: list[int], num_classes: int) -> np.ndarray:
@@ -39,10 +41,10 @@ def test_worst_region_accuracy_excludes_other_as_wilds_does():
     regions = ["Asia", "Asia", "Asia", "Europe", "Europe", "Other", "Other"]
     metas = [{"region": r} for r in regions]
     assert metrics.group_accuracies(logits, labels, regions) == {"Asia": 2 / 3, "Europe": 0.5, "Other": 0.0}
-    assert metrics.METRICS["worst_region_acc"](logits, labels, metas) == 0.5
+    assert metrics.METRICS["worst_region_acc"].fn(logits, labels, metas) == 0.5
     assert metrics.worst_group_accuracy(logits, labels, regions) == 0.0
     with pytest.raises(ValueError, match="no 'region' in its metadata"):
-        metrics.METRICS["worst_region_acc"](logits, labels, [{}] * 7)
+        metrics.METRICS["worst_region_acc"].fn(logits, labels, [{}] * 7)
 
 
 def test_ece_hand_computed_with_15_bins():
@@ -76,7 +78,7 @@ def test_class_subset_restricts_logits_and_reference_samples():
     assert spec.project_logits(logits).tolist() == [[1, 2], [1, 2], [0, 5]]
     sub_logits, sub_labels = spec.project_reference(logits, np.array([1, 2, 3]))
     assert sub_labels.tolist() == [0, 1] and sub_logits.tolist() == [[1, 2], [0, 5]]
-    scores = metrics.reference_subset_scores(logits, np.array([1, 2, 3]), [spec, _spec(name="plain")])
+    scores = reference_subset_scores(torch.nn.Identity(), logits, np.array([1, 2, 3]), [spec, _spec(name="plain")])
     assert scores == {"top1@x": 0.5, "n@x": 2}
 
 

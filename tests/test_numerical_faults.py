@@ -17,9 +17,9 @@ from robustbench_ft import RunConfig, run
 from robustbench_ft.cli import main
 from robustbench_ft.models import CheckpointError, Classifier, load_clip
 from robustbench_ft.results import ResultRecord, write_record
-from robustbench_ft.robustness import (
-    SHIFT_AVG, Baseline, attach_effective_robustness, bootstrap_band, fit_linear,
-)
+from robustbench_ft.robustness.baseline import SHIFT_AVG, Baseline
+from robustbench_ft.robustness.effective import attach_effective_robustness
+from robustbench_ft.robustness.fits import bootstrap_band, fit_linear
 
 TINY = dict(model="rbft-tiny-vit", pretrained="random", suite="synthetic", report=False)
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from robustbench_ft.data.digits import DIGIT_CLASSNAMES
-from robustbench_ft.data.fonts import HELDOUT_FONTS, PRETRAIN_FONTS, font_paths
-from robustbench_ft.data.render import make_caption, render_digit, sample_colours, sample_rendering
+from robustbench_ft.demo.digits import DIGIT_CLASSNAMES
+from robustbench_ft.demo.fonts import HELDOUT_FONTS, PRETRAIN_FONTS, font_paths
+from robustbench_ft.demo.render import make_caption, render_digit, sample_colours, sample_rendering
 from robustbench_ft.models import load_clip
 from robustbench_ft.zoo import PretrainDemoConfig, pretrain_demo
 from robustbench_ft.zoo.pretrain_demo import soft_clip_loss

@@ -50,9 +50,9 @@ def test_entry_point_package_adds_a_method(tmp_path, monkeypatch, run_dirs):
             options = HalfwayOptions
 
             def run(self, ctx: MethodContext) -> list[Candidate]:
-                (ft,) = ctx.run_method("finetune", ctx.suite.method_defaults.get("finetune", {}))
+                (ft,) = ctx.run_method("finetune", {})  # the suite's defaults for finetune apply
                 mixed = interpolate(ctx.zeroshot, ft.classifier, ctx.options.alpha)
-                return [Candidate(f"halfway α={ctx.options.alpha}", mixed, {"alpha": ctx.options.alpha})]
+                return [Candidate(f"halfway α={ctx.options.alpha}", mixed, alpha=ctx.options.alpha)]
     '''))
     dist = tmp_path / "site" / "rbft_plugin_demo-1.0.dist-info"
     dist.mkdir()

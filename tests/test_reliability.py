@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from robustbench_ft import RunConfig, run
+from robustbench_ft.methods.resolve import resolve
 from robustbench_ft.models.classifier import Classifier
 from robustbench_ft.results import ResultRecord, iter_record_files, load_record, load_records, write_record
 
@@ -186,8 +187,8 @@ def test_concurrent_runs_share_results_data_and_cache(run_dirs, reference):
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     results = Path(run_dirs["results_dir"])
-    _assert_exactly_the_reference_records(results / same.name, reference)
-    others = load_records([results / other.name])
+    _assert_exactly_the_reference_records(results / resolve(same).name, reference)
+    others = load_records([results / resolve(other).name])
     assert [r.candidate for r in others] == ["zeroshot"]
     assert others[0].metrics == reference["zeroshot"]["metrics"]  # same model, same data
     assert len(iter_record_files([results])) == len(CANDIDATES) + 1
@@ -195,8 +196,10 @@ def test_concurrent_runs_share_results_data_and_cache(run_dirs, reference):
 
 
 def _build_in_child(data_root: str, marker_dir: str) -> None:
-    from robustbench_ft.data.registry import DatasetSpec, ensure_dataset
     from conftest import synth_builder
+
+    from robustbench_ft.datasets.build import ensure_dataset
+    from robustbench_ft.datasets.spec import DatasetSpec
 
     def counted_build(out_dir):
         (Path(marker_dir) / f"build-{os.getpid()}").touch()
@@ -218,15 +221,15 @@ def test_concurrent_builds_of_one_split_build_it_once(tmp_path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
     assert len(list(markers.iterdir())) == 1
-    from robustbench_ft.data.shards import verify_shards
+    from robustbench_ft.shards.verify import verify_shards
 
     assert verify_shards(tmp_path / "data" / "concurrent" / "test").num_samples == 12
 
 
 def _put_many(root: str, seed: int, n: int) -> None:
-    from robustbench_ft.evaluate import LogitsCache
+    from robustbench_ft.evaluation.cache import ArrayCache
 
-    cache = LogitsCache(root)
+    cache = ArrayCache(root)
     key = cache.path("c" * 20, "m" * 20, "t")
     rng = np.random.default_rng(seed)
     for _ in range(n):
@@ -242,9 +245,9 @@ def test_concurrent_writers_of_one_cache_entry(tmp_path):
     for p in procs:
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
-    from robustbench_ft.evaluate import LogitsCache
+    from robustbench_ft.evaluation.cache import ArrayCache
 
-    cache = LogitsCache(tmp_path)
+    cache = ArrayCache(tmp_path)
     logits, labels = cache.get(cache.path("c" * 20, "m" * 20, "t"))
     assert logits.shape == (64, 10) and list(labels) == list(range(64))
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left

@@ -12,7 +12,8 @@ from scipy import special
 from robustbench_ft.report import render_report
 from robustbench_ft.report.figures import percent_ticks
 from robustbench_ft.results import ResultRecord
-from robustbench_ft.robustness import Baseline, transform
+from robustbench_ft.robustness.axes import transform
+from robustbench_ft.robustness.baseline import Baseline
 
 SHIFTS = ("sketch", "rotated", "noisy")
 HOSTILE = "<script>alert(1)</script>"

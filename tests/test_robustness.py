@@ -8,21 +8,17 @@ import pytest
 from scipy import special, stats
 
 from robustbench_ft.results import ResultRecord, write_record
-from robustbench_ft.robustness import (
-    DEFAULT_EPS,
+from robustbench_ft.robustness.axes import DEFAULT_EPS, TRANSFORMS, inverse_transform, transform
+from robustbench_ft.robustness.baseline import (
     SHIFT_AVG,
-    TRANSFORMS,
     Baseline,
-    LinearFit,
-    attach_effective_robustness,
-    baseline_records as baseline_records_of,
-    bootstrap_band,
-    effective_robustness,
-    fit_linear,
-    inverse_transform,
     load_baseline,
-    transform,
 )
+from robustbench_ft.robustness.baseline import (
+    baseline_records as baseline_records_of,
+)
+from robustbench_ft.robustness.effective import attach_effective_robustness, effective_robustness
+from robustbench_ft.robustness.fits import LinearFit, bootstrap_band, fit_linear
 
 SHIFTS = ["shift-a", "shift-b"]
 # true trends in logit space: logit(y) = slope * logit(x) + intercept

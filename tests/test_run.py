@@ -8,6 +8,7 @@ import pytest
 
 from robustbench_ft import RunConfig, run
 from robustbench_ft.cli import main
+from robustbench_ft.methods.resolve import resolve
 from robustbench_ft.results import load_records
 
 TINY = dict(model="rbft-tiny-vit", pretrained="random", suite="synthetic", report=False)
@@ -31,7 +32,7 @@ def test_wise_ft_run_writes_one_record_per_candidate(run_dirs):
     for rec in records.values():
         assert set(rec.metrics) == {"synth", "synth-inverted"}
         assert rec.metrics["synth"]["n"] == 24 and 0.0 <= rec.metrics["synth"]["top1"] <= 1.0
-        assert rec.config_hash == out.config.hash() and rec.versions["torch"]
+        assert rec.config_hash == resolve(out.config).hash and rec.versions["torch"]
     assert records["wise-ft α=0.50"].tags == {"alpha": 0.5, "curve": "wise-ft/finetune", "base": "finetune"}
     assert records["zeroshot"].tags["endpoint"] == "zeroshot"
     # The fine-tuned endpoint was trained and cached.
@@ -108,9 +109,11 @@ def test_damaged_buildable_split_is_rebuilt_not_trusted(run_dirs):
 
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
 def test_damaged_user_dataset_names_the_shard(tmp_path, damage):
-    from robustbench_ft.data.registry import DatasetSpec, ensure_dataset
-    from robustbench_ft.data.shards import ShardError
     from conftest import synth_builder
+
+    from robustbench_ft.datasets.build import ensure_dataset
+    from robustbench_ft.datasets.spec import DatasetSpec
+    from robustbench_ft.shards.manifest import ShardError
 
     spec = DatasetSpec("user-data", ("red", "green", "blue"), ("{}",))
     synth_builder(12, 0)(spec.path(tmp_path, "test"))
@@ -124,7 +127,8 @@ def test_damaged_user_dataset_names_the_shard(tmp_path, damage):
 
 
 def test_missing_dataset_without_builder_says_how_to_convert(tmp_path):
-    from robustbench_ft.data.registry import DatasetSpec, ensure_dataset
+    from robustbench_ft.datasets.build import ensure_dataset
+    from robustbench_ft.datasets.spec import DatasetSpec
 
     spec = DatasetSpec("user-data", ("a", "b"), ("{}",))
     with pytest.raises(FileNotFoundError, match="robustbench-ft shard user-data"):
@@ -148,7 +152,7 @@ def test_config_hash_ignores_output_locations_but_not_options(run_dirs, tmp_path
     a = RunConfig(**TINY, **run_dirs)
     b = RunConfig(**TINY, **{**run_dirs, "results_dir": str(tmp_path / "elsewhere"), "workers": 3})
     c = RunConfig(**TINY, **run_dirs, method_options={"alpha": "0.3"})
-    assert a.hash() == b.hash() != c.hash()
+    assert resolve(a).hash == resolve(b).hash != resolve(c).hash
 
 
 def test_config_hash_is_the_same_for_cli_strings_and_python_values():
@@ -158,7 +162,7 @@ def test_config_hash_is_the_same_for_cli_strings_and_python_values():
     cli = run_config_from_argv(["--method", "wise-ft", "--alpha", "0.5", "--epochs", "2", "--lr", "1e-4"])
     py = RunConfig(method="wise-ft", method_options={"alpha": 0.5, "base_options": {"epochs": 2, "lr": 1e-4}})
     other = RunConfig(method="wise-ft", method_options={"alpha": 0.5, "base_options": {"epochs": 3, "lr": 1e-4}})
-    assert cli.hash() == py.hash() != other.hash()
+    assert resolve(cli).hash == resolve(py).hash != resolve(other).hash
 
 
 def test_config_hash_follows_the_content_of_a_finetuned_checkpoint_not_its_path(tmp_path):
@@ -170,7 +174,7 @@ def test_config_hash_follows_the_content_of_a_finetuned_checkpoint_not_its_path(
     ckpt.write_bytes(b"weights v1")
 
     def config_hash(path) -> str:
-        return RunConfig(method="wise-ft", method_options={"finetuned": str(path)}).hash()
+        return resolve(RunConfig(method="wise-ft", method_options={"finetuned": str(path)})).hash
 
     first = config_hash(ckpt)
     copy = tmp_path / "b.safetensors"
@@ -193,7 +197,8 @@ def test_unwritable_output_directory_fails_before_any_work(run_dirs, tmp_path, c
 
 def test_build_interrupted_midway_is_rebuilt(run_dirs):
     """A killed build leaves a partial sibling dir or a split without manifest; neither is trusted."""
-    from robustbench_ft.data.registry import ensure_dataset, get_dataset
+    from robustbench_ft.datasets.build import ensure_dataset
+    from robustbench_ft.datasets.registry import get_dataset
 
     spec = get_dataset("synth")
     root = Path(run_dirs["data_root"])
@@ -210,7 +215,7 @@ def test_build_interrupted_midway_is_rebuilt(run_dirs):
 def test_missing_demo_package_says_how_to_install(monkeypatch):
     import importlib.util
 
-    from robustbench_ft.data import digits
+    from robustbench_ft.demo import digits
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mnist" else real(name, *a))
@@ -231,8 +236,9 @@ def test_records_load_into_pandas(run_dirs):
 
 
 def test_prepare_suite_builds_every_buildable_split_in_parallel_like_in_sequence(tmp_path):
-    from robustbench_ft.data.registry import get_suite, prepare_suite
-    from robustbench_ft.data.shards import Manifest
+    from robustbench_ft.datasets.build import prepare_suite
+    from robustbench_ft.datasets.registry import get_suite
+    from robustbench_ft.shards.manifest import Manifest
 
     suite = get_suite("synthetic")
     logs: list[str] = []

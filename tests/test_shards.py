@@ -11,17 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from robustbench_ft.data.imagefolder import ImageFolderError, write_imagefolder_shards
-from robustbench_ft.data.loader import ShardDataset, make_loader
-from robustbench_ft.data.shards import (
-    Manifest,
-    ShardError,
-    ShardFile,
-    ShardWriter,
-    iter_tar_members,
-    verify_shards,
-    write_shards,
-)
+from robustbench_ft.convert.imagefolder import ImageFolderError, write_imagefolder_shards
+from robustbench_ft.loading.shard_dataset import ShardDataset, make_loader
+from robustbench_ft.shards.manifest import Manifest, ShardError
+from robustbench_ft.shards.tarformat import iter_tar_members
+from robustbench_ft.shards.verify import verify_shards
+from robustbench_ft.shards.writer import ShardFile, ShardWriter, write_shards
 
 CLASSES = ("zero", "one", "two")
 
@@ -360,7 +355,7 @@ def test_member_reader_refuses_links_and_bad_checksums(tmp_path):
 
 
 def test_hash_check_reads_a_shard_once_per_version_and_verify_always_rereads(tmp_path, monkeypatch):
-    from robustbench_ft.data import shards as shards_mod
+    from robustbench_ft.shards import verify as shards_mod
 
     manifest = _build(tmp_path)
     hashed: list[str] = []

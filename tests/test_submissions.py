@@ -8,9 +8,9 @@ import json
 
 import pytest
 
+from robustbench_ft.board.submissions import SubmissionError, make_bundle, read_bundle
 from robustbench_ft.cli import main
 from robustbench_ft.results import ResultRecord, load_records, write_record
-from robustbench_ft.submissions import SubmissionError, make_bundle, read_bundle
 
 SHIFTS = ["sklearn-digits", "printed-digits", "mnist-inverted", "mnist-c"]  # the demo suite's
 

@@ -10,9 +10,11 @@ import pytest
 from scipy import special
 
 from robustbench_ft.cli import main
+from robustbench_ft.metrics import subset_key
 from robustbench_ft.results import ResultRecord
-from robustbench_ft.robustness import SHIFT_AVG, compute_effective_robustness, load_baseline, subset_metric
-from robustbench_ft.testbed import TESTBED_SHIFTS, fit_testbed_baseline, read_testbed_csv
+from robustbench_ft.robustness.baseline import SHIFT_AVG, load_baseline
+from robustbench_ft.robustness.effective import compute_effective_robustness
+from robustbench_ft.robustness.testbed import TESTBED_SHIFTS, fit_testbed_baseline, read_testbed_csv
 
 # true logit-space trends, shift -> (slope, intercept); x is the column TESTBED_SHIFTS names
 TRUE = {"imagenetv2-matched-frequency": (0.9, -0.5), "imagenet-r": (0.6, -2.0), "imagenet-sketch": (1.1, -2.4),
@@ -72,7 +74,7 @@ def test_fit_recovers_the_lines_from_standard_models_only(table):
         fit = baseline.fits[shift]
         assert fit.slope == pytest.approx(slope, abs=1e-4) and fit.intercept == pytest.approx(intercept, abs=1e-4)
         assert fit.n == len(STANDARD)  # not the more-data model, the low one, or the aws variant
-        assert fit.x_metric == (subset_metric(shift) if TESTBED_SHIFTS[shift].subset else "")
+        assert fit.x_metric == (subset_key(shift) if TESTBED_SHIFTS[shift].subset else "")
         assert baseline.points[shift]["models"] == sorted(STANDARD)
     assert baseline.fits[SHIFT_AVG].x_metric == "" and baseline.avg_shifts == list(TESTBED_SHIFTS)
 
@@ -132,7 +134,7 @@ def test_shipped_imagenet_testbed_baseline():
 
 def test_effective_robustness_uses_the_class_subset_reference_accuracy():
     baseline = load_baseline("imagenet-testbed")
-    metrics = {"imagenet": {"top1": 0.80, subset_metric("imagenet-r"): 0.90},
+    metrics = {"imagenet": {"top1": 0.80, subset_key("imagenet-r"): 0.90},
                "imagenet-r": {"top1": 0.70}, "imagenet-a": {"top1": 0.30}}
     record = ResultRecord("r", "imagenet", "ViT-B-16", "openai", "finetune", "ft", "imagenet",
                           list(TRUE), metrics)
@@ -146,7 +148,7 @@ def test_effective_robustness_uses_the_class_subset_reference_accuracy():
 def test_baseline_records_with_subset_accuracy_are_fitted_on_it():
     """Record-based baselines follow the same rule: x is the class-subset reference accuracy where
     every baseline model reports it (as ``evaluate`` stores ``top1@<shift>``)."""
-    from robustbench_ft.robustness import Baseline
+    from robustbench_ft.robustness.baseline import Baseline
 
     xs = np.linspace(0.6, 0.9, 6)
     records = [ResultRecord(f"b{i}", "imagenet", "m", "p", "erm", f"b{i}", "imagenet", ["imagenet-r"],

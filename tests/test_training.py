@@ -13,21 +13,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SYNTH_CLASSES, synth_image
 from safetensors.torch import load_file
 from torchvision import transforms
 
-from conftest import SYNTH_CLASSES, synth_image
 from robustbench_ft import RunConfig, run
 from robustbench_ft.cli import main
-from robustbench_ft.data.random_access import INDEX_FILE, ShardSamples, TrainingBatches, rank_indices
-from robustbench_ft.data.shards import ShardError, write_shards
-from robustbench_ft.evaluate import evaluate
+from robustbench_ft.evaluation.dataset_pass import evaluate
+from robustbench_ft.evaluation.options import EvalOptions
+from robustbench_ft.loading.training_batches import INDEX_FILE, ShardSamples, TrainingBatches, rank_indices
 from robustbench_ft.methods.flyp import CaptionedContrastiveLoss
 from robustbench_ft.methods.training import (
-    Batch, Checkpointing, OptimConfig, Step, cross_entropy, mean_loss, train,
+    Batch,
+    Checkpointing,
+    OptimConfig,
+    Step,
+    cross_entropy,
+    mean_loss,
+    train,
 )
 from robustbench_ft.models import load_clip
 from robustbench_ft.models.classifier import Classifier
+from robustbench_ft.shards.manifest import ShardError
+from robustbench_ft.shards.writer import write_shards
 
 TINY = dict(model="rbft-tiny-vit", pretrained="random", suite="synthetic", report=False)
 SCRIPT = Path(__file__).parent / "synthetic_run.py"
@@ -189,10 +197,9 @@ def test_bf16_autocast_trains_and_evaluates_on_cpu(tmp_path):
     summary = train(model, data, OptimConfig(1e-3, 0.1, 1, 1.0, 2, accum_steps=2), mean_loss(cross_entropy()),
                     device=torch.device("cpu"), precision="amp_bf16", progress=False)
     assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
-    preds = evaluate({"m": model}, directory, clip.preprocess_eval, batch_size=8, precision="amp_bf16",
-                     progress=False)
+    preds = evaluate({"m": model}, directory, clip.preprocess_eval, EvalOptions(batch_size=8, precision="amp_bf16", progress=False))
     assert np.isfinite(preds.logits["m"]).all() and preds.logits["m"].shape == (16, 3)
-    exact = evaluate({"m": model}, directory, clip.preprocess_eval, batch_size=8, progress=False).logits["m"]
+    exact = evaluate({"m": model}, directory, clip.preprocess_eval, EvalOptions(batch_size=8, progress=False)).logits["m"]
     assert not np.array_equal(exact, preds.logits["m"])  # autocast really ran in bf16 ...
     np.testing.assert_allclose(preds.logits["m"], exact, rtol=0.05, atol=0.1)  # ... to bf16 precision
 

@@ -8,11 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-from robustbench_ft.config import stable_hash
-from robustbench_ft.data.registry import get_suite
+from robustbench_ft.datasets.registry import get_suite
 from robustbench_ft.results import load_records
+from robustbench_ft.util import stable_hash
 from robustbench_ft.zoo.baselines import (
-    DEMO_ZOO, DEMO_ZOO_DIR, FAMILIES, DigitTransform, ZooModel, build_network, train_zoo_model,
+    DEMO_ZOO,
+    DEMO_ZOO_DIR,
+    FAMILIES,
+    DigitTransform,
+    ZooModel,
+    build_network,
+    train_zoo_model,
 )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from robustbench_ft.methods.base import Candidate, MethodContext
+from robustbench_ft.methods.context import Candidate, MethodContext, alpha_label
 from robustbench_ft.methods.registry import register_method
 from robustbench_ft.methods.wise_ft import WiseFTOptions, endpoint_candidates
 from robustbench_ft.models.classifier import Classifier
@@ -36,7 +36,7 @@ class OutputEnsemble(Classifier):
     """A Classifier whose "encoder" is the pair of models and whose head mixes their logits with α.
 
     Being a Classifier, every α of one sweep built on the same pair shares its forward pass in
-    :func:`robustbench_ft.evaluate.evaluate` (candidates are grouped by encoder): an α sweep costs
+    :func:`robustbench_ft.evaluation.evaluate` (candidates are grouped by encoder): an α sweep costs
     one pass of each model, as for WiSE-FT over a linear probe.
     """
 
@@ -71,6 +71,6 @@ class Ensemble:
         pair = _LogitPair(ctx.zeroshot, finetuned)
         for alpha in opts.alpha:
             if 0.0 < alpha < 1.0:
-                out.append(Candidate(f"ensemble α={alpha:.2f}", OutputEnsemble(pair, alpha),
-                                     {"alpha": alpha, "curve": f"ensemble/{base_name}", "base": base_name}))
+                out.append(Candidate(f"ensemble α={alpha_label(alpha)}", OutputEnsemble(pair, alpha),
+                                     alpha=alpha, curve=f"ensemble/{base_name}", base=base_name))
         return out

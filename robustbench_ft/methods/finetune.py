@@ -19,10 +19,19 @@ from typing import Callable
 import torch
 
 from robustbench_ft import distributed
-from robustbench_ft.data.random_access import TrainingBatches
-from robustbench_ft.methods.base import Candidate, MethodContext
+from robustbench_ft.loading.training_batches import TrainingBatches
+from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.registry import register_method
-from robustbench_ft.methods.training import Batch, Objective, OptimConfig, cross_entropy, mean_loss, train
+from robustbench_ft.methods.training import (
+    ADAMW,
+    Batch,
+    Objective,
+    OptimConfig,
+    OptimizerFactory,
+    cross_entropy,
+    mean_loss,
+    train,
+)
 from robustbench_ft.models.classifier import Classifier
 
 Penalty = Callable[[torch.nn.Module], torch.Tensor]
@@ -92,20 +101,22 @@ def training_workers(requested: int, device: torch.device) -> int:
 
 
 def run_training(ctx: MethodContext, model: torch.nn.Module, opts: ScheduleOptions, objective: Objective,
-                 desc: str) -> dict:
-    """Train ``model`` in place with the run's schedule, data, precision and resumable checkpoints."""
+                 desc: str, optimizer: OptimizerFactory = ADAMW) -> dict:
+    """Train ``model`` in place with the run's schedule, data, precision, seed and resumable checkpoints."""
     data = training_batches(ctx, opts.batch_size)
     return train(model, data, opts.optim_config(data.batches_per_epoch), objective, device=ctx.clip.device,
                  precision=ctx.config.precision, progress=ctx.progress, desc=desc,
-                 checkpointing=ctx.training_checkpoints(), log=ctx.log)
+                 checkpointing=ctx.training_checkpoints(), log=ctx.log, optimizer_factory=optimizer,
+                 seed=ctx.config.seed)
 
 
 def finetune_classifier(ctx: MethodContext, start: Classifier, opts: FinetuneOptions, desc: str,
-                        penalty: Penalty | None = None) -> Classifier:
+                        penalty: Penalty | None = None, optimizer: OptimizerFactory = ADAMW) -> Classifier:
     """Cross-entropy fine-tuning of every parameter of a copy of ``start`` on the suite's training split.
 
     ``penalty(model)``, when given, is added to the loss of every step (L2-SP's pull towards the
-    pretrained weights); without it this is plain fine-tuning.
+    pretrained weights); without it this is plain fine-tuning. ``optimizer`` replaces AdamW (the
+    projection methods: FTP, SPD, DiGraP).
     """
     model = copy.deepcopy(start).to(ctx.clip.device)
     for p in model.parameters():
@@ -116,7 +127,7 @@ def finetune_classifier(ctx: MethodContext, start: Classifier, opts: FinetuneOpt
         loss = ce(m, batch)
         return loss if penalty is None else loss + penalty(distributed.unwrap(m))
 
-    summary = run_training(ctx, model, opts, mean_loss(loss_fn), desc)
+    summary = run_training(ctx, model, opts, mean_loss(loss_fn), desc, optimizer)
     model.info.provenance.update({"training": summary})
     return model
 
@@ -131,4 +142,4 @@ class Finetune:
     def run(self, ctx: MethodContext) -> list[Candidate]:
         torch.manual_seed(ctx.config.seed)
         model = ctx.cached_classifier(lambda: finetune_classifier(ctx, ctx.zeroshot, ctx.options, "fine-tuning"))
-        return [Candidate("finetune", model, {"endpoint": "finetuned", "alpha": 1.0, "base": "finetune"})]
+        return [Candidate("finetune", model, alpha=1.0, endpoint="finetuned", base="finetune")]

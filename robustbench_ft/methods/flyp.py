@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from robustbench_ft import distributed
-from robustbench_ft.data.registry import get_dataset
-from robustbench_ft.methods.base import Candidate, MethodContext
+from robustbench_ft.datasets.registry import get_dataset
+from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.finetune import ScheduleOptions, run_training
 from robustbench_ft.methods.registry import register_method
 from robustbench_ft.methods.training import Batch, Step
@@ -136,4 +136,4 @@ class Flyp:
     def run(self, ctx: MethodContext) -> list[Candidate]:
         torch.manual_seed(ctx.config.seed)
         model = ctx.cached_classifier(lambda: flyp_classifier(ctx, ctx.options))
-        return [Candidate("flyp", model, {"endpoint": "finetuned", "alpha": 1.0, "base": "flyp"})]
+        return [Candidate("flyp", model, alpha=1.0, endpoint="finetuned", base="flyp")]

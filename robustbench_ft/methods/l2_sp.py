@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from robustbench_ft.methods.base import Candidate, MethodContext
+from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.finetune import FinetuneOptions, Penalty, finetune_classifier
 from robustbench_ft.methods.registry import register_method
 from robustbench_ft.models.classifier import Classifier
@@ -58,4 +58,4 @@ class L2SP:
         torch.manual_seed(ctx.config.seed)
         model = ctx.cached_classifier(lambda: finetune_classifier(
             ctx, ctx.zeroshot, opts, "l2-sp fine-tuning", penalty=l2_sp_penalty(ctx.zeroshot, opts.sp_alpha)))
-        return [Candidate("l2-sp", model, {"endpoint": "finetuned", "alpha": 1.0, "base": "l2-sp"})]
+        return [Candidate("l2-sp", model, alpha=1.0, endpoint="finetuned", base="l2-sp")]

@@ -30,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from robustbench_ft.data.loader import make_loader
-from robustbench_ft.data.shards import Manifest
-from robustbench_ft.evaluate import LogitsCache, transform_id
-from robustbench_ft.methods.base import Candidate, MethodContext
+from robustbench_ft.evaluation.cache import ArrayCache
+from robustbench_ft.loading.eval_decode import transform_id
+from robustbench_ft.loading.shard_dataset import make_loader
+from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.registry import register_method
 from robustbench_ft.models.classifier import Classifier, ClassifierInfo, same_encoder, state_hash
 from robustbench_ft.models.clip import autocast
+from robustbench_ft.shards.manifest import Manifest
 
 INITS = ("zeros", "zeroshot")
 
@@ -78,9 +79,9 @@ def split_features(ctx: MethodContext, encoder: Classifier, directory: Path) -> 
     """
     transform = ctx.clip.preprocess_eval
     manifest = Manifest.load(directory)
-    cache = LogitsCache(Path(ctx.config.cache_dir) / "features")
+    cache = ArrayCache(Path(ctx.config.cache_dir) / "features", ctx.log)
     key = cache.path(state_hash(encoder.visual), manifest.content_hash(), transform_id(transform))
-    hit = cache.get(key)
+    hit = cache.get(key, rows=manifest.num_samples)
     if hit is None:
         device = ctx.clip.device
         encoder.eval()
@@ -196,4 +197,4 @@ class LinearProbe:
         probe = ctx.cached_classifier(lambda: linear_probe(ctx, ctx.options))
         if probe.visual is not ctx.zeroshot.visual and same_encoder(probe, ctx.zeroshot):
             probe.visual = ctx.zeroshot.visual  # loaded from the cache: share the encoder again
-        return [Candidate("linear-probe", probe, {"endpoint": "finetuned", "alpha": 1.0, "base": "linear-probe"})]
+        return [Candidate("linear-probe", probe, alpha=1.0, endpoint="finetuned", base="linear-probe")]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from robustbench_ft.methods.base import Candidate, MethodContext
+from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.finetune import FinetuneOptions, finetune_classifier
 from robustbench_ft.methods.linear_probe import LinearProbeOptions
 from robustbench_ft.methods.registry import register_method
@@ -47,4 +47,4 @@ class LPFT:
         probe = ctx.finetuned_endpoint("linear-probe", opts.probe_options())
         torch.manual_seed(ctx.config.seed)
         model = ctx.cached_classifier(lambda: finetune_classifier(ctx, probe, opts, "lp-ft fine-tuning"))
-        return [Candidate("lp-ft", model, {"endpoint": "finetuned", "alpha": 1.0, "base": "lp-ft"})]
+        return [Candidate("lp-ft", model, alpha=1.0, endpoint="finetuned", base="lp-ft")]

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable, Protocol
 
-from robustbench_ft.data.registry import unknown_name_error
 from robustbench_ft.typed import build
+from robustbench_ft.util import unknown_name_error
 
 ENTRY_POINT_GROUP = "robustbench_ft.methods"
 # Short names the papers use (``wise-ft --base ft|lp``), accepted wherever a method is named.
@@ -38,18 +38,6 @@ class MethodSpec:
         (:func:`robustbench_ft.typed.check`: command-line text is parsed before it gets here)."""
         return build(self.options, values, f"method {self.name!r}")
 
-    def canonical_options(self, values: dict[str, Any]) -> dict[str, Any]:
-        """The given option values as the options dataclass reads them, for hashing a config: ``--epochs 2``
-        on the CLI and ``{"epochs": 2}`` from Python are the same run. A ``base_options`` dict (WiSE-FT,
-        soups) holds options of the method named by ``base`` and is made canonical by that method."""
-        from robustbench_ft.config import content_identity
-
-        options = self.make_options(values)
-        out = {k: content_identity(getattr(options, k)) for k in values}
-        if isinstance(out.get("base_options"), dict):
-            out["base_options"] = get_method(options.base).canonical_options(out["base_options"])
-        return out
-
 
 _METHODS: dict[str, MethodSpec] = {}
 _PLUGINS_LOADED = False
@@ -73,8 +61,6 @@ def _load_plugins() -> None:
     if _PLUGINS_LOADED:
         return
     _PLUGINS_LOADED = True
-    import robustbench_ft.methods.builtin  # noqa: F401  (registers the built-in methods)
-
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()
 

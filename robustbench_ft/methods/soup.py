@@ -20,29 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from robustbench_ft.evaluate import LogitsCache, evaluate_cached
-from robustbench_ft.methods.base import Candidate, MethodContext
+from robustbench_ft.evaluation.cache import ArrayCache
+from robustbench_ft.evaluation.dataset_pass import evaluate_cached
+from robustbench_ft.evaluation.options import EvalOptions
+from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.registry import METHOD_ALIASES, register_method
 from robustbench_ft.models.classifier import Classifier, ClassifierInfo, average
+from robustbench_ft.typed import check_fields
 
 KINDS = ("uniform", "greedy")
 GRID = {"lrs": "lr", "weight_decays": "weight_decay", "label_smoothings": "label_smoothing"}
-
-
-def parse_list(kind: type) -> Callable[[Any], tuple]:
-    """"1,2,3" / [1, 2, 3] / 3 -> (1, 2, 3) of ``kind``; "" -> ()."""
-    def parse(value: Any) -> tuple:
-        if isinstance(value, (list, tuple)):
-            items = list(value)
-        elif isinstance(value, str):
-            items = [v for v in value.split(",") if v.strip()]
-        else:
-            items = [value]
-        try:
-            return tuple(kind(v) for v in items)
-        except ValueError:
-            raise ValueError(f"soup: cannot read {value!r} as a comma-separated list of {kind.__name__}") from None
-    return parse
 
 
 @dataclass(frozen=True)
@@ -57,9 +44,7 @@ class SoupOptions:
     base_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "seeds", parse_list(int)(self.seeds))
-        for name in GRID:
-            object.__setattr__(self, name, parse_list(float)(getattr(self, name)))
+        check_fields(self)  # lists from a config file become tuples; "1,2" from the command line is parsed there
         object.__setattr__(self, "base", METHOD_ALIASES.get(self.base, self.base))
         if self.kind not in KINDS:
             raise ValueError(f"soup: kind must be one of {KINDS}, got {self.kind!r}")
@@ -103,10 +88,9 @@ class Soup:
         if opts.kind == "greedy" and ctx.suite.val is None:
             raise ValueError(f"soup --kind greedy selects ingredients on held-out data, but suite {ctx.suite.name!r} "
                              "declares no val split; use --kind uniform")
-        base_options = {**ctx.suite.method_defaults.get(opts.base, {}), **opts.base_options}
         names, models = [], []
         for seed, overrides in opts.ingredients():
-            models.append(ctx.finetuned_endpoint(opts.base, {**base_options, **overrides}, seed=seed))
+            models.append(ctx.finetuned_endpoint(opts.base, {**opts.base_options, **overrides}, seed=seed))
             names.append(" ".join([f"seed={seed}", *(f"{k}={v:g}" for k, v in overrides.items())]))
         n = len(models)
         if opts.kind == "uniform":
@@ -121,10 +105,10 @@ class Soup:
             "pretrained": ctx.clip.pretrained, "method": "soup", "soup": {
                 "kind": opts.kind, "base": opts.base, "ingredients": names, "chosen": [names[i] for i in chosen],
                 "val_top1": val_scores, "soup_val_top1": soup_score}})
-        out = [Candidate(f"{opts.kind} soup", soup, {"endpoint": "finetuned", "alpha": 1.0, "base": opts.base,
-                                                      "kind": opts.kind, "ingredients": len(chosen)})]
+        out = [Candidate(f"{opts.kind} soup", soup, alpha=1.0, endpoint="finetuned", base=opts.base,
+                         extra={"kind": opts.kind, "ingredients": len(chosen)})]
         if opts.evaluate_ingredients:
-            out += [Candidate(f"ingredient {name}", model, {"ingredient": i, "base": opts.base})
+            out += [Candidate(f"ingredient {name}", model, base=opts.base, extra={"ingredient": i})
                     for i, (name, model) in enumerate(zip(names, models))]
         return out
 
@@ -132,7 +116,6 @@ class Soup:
 def held_out_top1(ctx: MethodContext, models: dict[str, Classifier]) -> dict[str, float]:
     """Top-1 of each model on the suite's val split, in one pass (logits cached by content hash)."""
     preds = evaluate_cached(models, ctx.split_dir("val"), ctx.clip.preprocess_eval,
-                            LogitsCache(Path(ctx.config.cache_dir) / "logits"), batch_size=ctx.config.eval_batch_size,
-                            workers=ctx.config.workers, device=ctx.clip.device, precision=ctx.config.precision,
-                            progress=False)
+                            ArrayCache(Path(ctx.config.cache_dir) / "logits", ctx.log),
+                            EvalOptions.from_config(ctx.config, ctx.clip.device, progress=False))
     return {name: preds.top1(name) for name in models}

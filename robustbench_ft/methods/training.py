@@ -1,7 +1,8 @@
 """The supervised training loop shared by the fine-tuning methods (WiSE-FT paper recipe).
 
-AdamW with decoupled weight decay, linear warmup then cosine decay to zero, gradient-norm
-clipping, optional bf16 autocast. A non-finite loss stops training with the step that produced it.
+AdamW with decoupled weight decay by default (any optimizer through an :class:`OptimizerFactory`),
+linear warmup then cosine decay to zero, gradient-norm clipping (``grad_clip=0`` turns it off),
+optional bf16 autocast. A non-finite loss stops training with the step that produced it.
 
 Three things make long runs practical without changing what is computed:
 
@@ -11,10 +12,16 @@ Three things make long runs practical without changing what is computed:
 * **Resume.** Every ``checkpoint_every`` steps the model, optimiser, step and RNG state are written
   atomically; a rerun of the same config continues from there. The data position needs no saving:
   step ``s`` is batch ``s mod B`` of epoch ``s div B`` of an order fixed by (seed, epoch)
-  (:mod:`robustbench_ft.data.random_access`), so the resumed run sees exactly the batches the
+  (:mod:`robustbench_ft.loading.training_batches`), so the resumed run sees exactly the batches the
   uninterrupted run would have.
 * **DDP.** Under torchrun the model is wrapped in DistributedDataParallel and every rank processes
   its slice of each global batch; averaged gradients equal the one-process gradient.
+
+Two extension points serve methods that change the step itself: an :class:`OptimizerFactory`
+(FTP, SPD, DiGraP replace AdamW; their whole state must live in ``optimizer.state_dict()``, which is
+what a resumable state saves), and :meth:`Step.generator`, a random generator per optimisation step
+seeded by (run seed, step) alone, so a per-step draw (m²-mix's λ) is the same for any worker count,
+on every DDP rank and after a resume.
 """
 from __future__ import annotations
 
@@ -23,14 +30,15 @@ import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable, NamedTuple, Protocol
+from typing import Any, Callable, ContextManager, Iterable, NamedTuple, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from robustbench_ft import distributed
+from robustbench_ft.loading.training_batches import step_seed
 from robustbench_ft.models.clip import CheckpointError, autocast, check_state_dict
-from robustbench_ft.results import atomic_write_bytes
+from robustbench_ft.util import atomic_write_bytes
 
 STATE_FORMAT = "robustbench-ft-training-state"
 
@@ -57,6 +65,34 @@ class OptimConfig:
     accum_steps: int = 1
 
 
+NamedParameters = list[tuple[str, torch.nn.Parameter]]
+
+
+@dataclass(frozen=True)
+class OptimizerFactory:
+    """Builds a fine-tuning run's optimizer from its named trainable parameters and schedule.
+
+    ``build(named_parameters, cfg)`` returns the optimizer; every state it needs to continue (moments,
+    radii, previous steps) must live in ``optimizer.state`` or its param groups, since a resumable
+    training state saves ``optimizer.state_dict()`` and nothing else. The learning rate of each param
+    group is rescaled every step by the warmup-cosine schedule (relative to the group's initial
+    ``lr``). ``name`` and ``options`` enter the resumable state's fingerprint: a state saved by another
+    optimizer, or the same with other options, is refused rather than loaded.
+    """
+
+    name: str
+    build: Callable[[NamedParameters, OptimConfig], torch.optim.Optimizer]
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+def _adamw(named: NamedParameters, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+ADAMW = OptimizerFactory("adamw", _adamw)
+"""AdamW with decoupled weight decay (``cfg.weight_decay``), PyTorch's defaults otherwise: the WiSE-FT recipe."""
+
+
 def cosine_lr(step: int, cfg: OptimConfig) -> float:
     """Learning rate at ``step``: linear warmup to ``lr``, then half-cosine to 0 at ``total_steps``."""
     if step < cfg.warmup_steps:
@@ -68,12 +104,20 @@ def cosine_lr(step: int, cfg: OptimConfig) -> float:
 @dataclass
 class Step:
     """What an objective needs to compute one step's gradient: the (possibly DDP-wrapped) model to
-    call, how many micro-batches to use, and the autocast and gradient-sync contexts."""
+    call, how many micro-batches to use, the autocast and gradient-sync contexts, and the step's own
+    random generator."""
 
     model: torch.nn.Module
     accum_steps: int
     device: torch.device
     precision: str
+    index: int = 0        # the optimisation step (0-based, counted over the whole run, resumes included)
+    seed: int = 0         # the run's seed
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded by (run seed, step) only: the same draws for any worker count, on
+        every DDP rank and after a resume (draw on the CPU, then move the result)."""
+        return torch.Generator().manual_seed(step_seed(self.seed, self.index))
 
     def autocast(self) -> ContextManager:
         return autocast(self.device, self.precision)
@@ -118,7 +162,7 @@ def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
 
 
 class TrainingData(Protocol):
-    """The batches of a training run, by epoch (see :class:`robustbench_ft.data.random_access.TrainingBatches`)."""
+    """The batches of a training run, by epoch (see :class:`robustbench_ft.loading.training_batches.TrainingBatches`)."""
 
     batches_per_epoch: int
 
@@ -135,23 +179,29 @@ class Checkpointing:
 
 def train(model: torch.nn.Module, data: TrainingData, cfg: OptimConfig, objective: Objective, *,
           device: torch.device, precision: str = "fp32", progress: bool = True, desc: str = "fine-tuning",
-          checkpointing: Checkpointing | None = None, log: Callable[[str], None] = print) -> dict[str, float]:
+          checkpointing: Checkpointing | None = None, log: Callable[[str], None] = print,
+          optimizer_factory: OptimizerFactory = ADAMW, seed: int = 0) -> dict[str, float]:
     """Train ``model`` in place for ``cfg.total_steps`` steps on ``data``; resumes from ``checkpointing.path``.
 
+    ``optimizer_factory`` builds the optimizer (AdamW by default); ``seed`` seeds :meth:`Step.generator`.
     Returns a summary (steps, epochs, final loss, and the step a resumed run started from).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("nothing to train: every parameter is frozen")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for _, p in named]
+    optimizer = optimizer_factory.build(named, cfg)
+    for group in optimizer.param_groups:  # the schedule scales each group from its own initial rate
+        group.setdefault("initial_lr", group["lr"])
     per_epoch = data.batches_per_epoch
-    fingerprint = {**asdict(cfg), "batches_per_epoch": per_epoch}
+    fingerprint = {**asdict(cfg), "batches_per_epoch": per_epoch,
+                   "optimizer": {"name": optimizer_factory.name, "options": [list(kv) for kv in optimizer_factory.options]}}
     step, last_loss = 0, float("nan")
     if checkpointing is not None and checkpointing.path.is_file():
         step, last_loss = _load_state(checkpointing.path, model, optimizer, device, fingerprint, log)
     resumed_from = step
     wrapped = distributed.wrap_ddp(model, device)
-    ctx = Step(wrapped, cfg.accum_steps, device, precision)
+    ctx = Step(wrapped, cfg.accum_steps, device, precision, seed=seed)
     model.train()
     epoch, position = divmod(step, per_epoch)
     bar = tqdm(total=cfg.total_steps, initial=step, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
@@ -161,8 +211,9 @@ def train(model: torch.nn.Module, data: TrainingData, cfg: OptimConfig, objectiv
             seen += 1
             batch = Batch(*(t.to(device, non_blocking=True) for t in raw))
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, cfg)
+                group["lr"] = group["initial_lr"] * cosine_lr(step, cfg) / cfg.lr
             optimizer.zero_grad(set_to_none=True)
+            ctx.index = step
             # the global batch's loss, the same on every rank (so all ranks stop together on a bad one)
             loss = distributed.mean_over_ranks(objective(ctx, batch))
             if not math.isfinite(loss):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from robustbench_ft.methods.base import Candidate, MethodContext, parse_alphas
+from robustbench_ft.methods.context import Candidate, MethodContext, alpha_label, parse_alphas
 from robustbench_ft.methods.registry import METHOD_ALIASES, register_method
 from robustbench_ft.models.checkpoints import import_checkpoint
 from robustbench_ft.models.classifier import Classifier, interpolate
@@ -33,8 +33,9 @@ class WiseFTOptions:
 def finetuned_endpoint(ctx: MethodContext, opts: WiseFTOptions) -> tuple[Classifier, str]:
     """The fine-tuned endpoint and its name: loaded from ``opts.finetuned``, or produced by ``opts.base``.
 
-    The base method runs with the suite's defaults for it, overridden by ``opts.base_options``; it must
-    yield exactly one candidate tagged ``endpoint=finetuned``.
+    The base method runs as any top-level run of it would (the suite's defaults for it, overridden by
+    ``opts.base_options``: see :mod:`robustbench_ft.methods.resolve`); it must yield exactly one
+    candidate with ``endpoint="finetuned"``.
     """
     if opts.finetuned:
         ref = ctx.zeroshot.info
@@ -44,8 +45,7 @@ def finetuned_endpoint(ctx: MethodContext, opts: WiseFTOptions) -> tuple[Classif
             raise ValueError(f"--finetuned {opts.finetuned}: its classes differ from the suite's reference classes "
                              f"({finetuned.info.classnames[:3]}... vs {ctx.zeroshot.info.classnames[:3]}...)")
         return finetuned, f"file:{Path(opts.finetuned).name}"
-    base_options = {**ctx.suite.method_defaults.get(opts.base, {}), **opts.base_options}
-    return ctx.finetuned_endpoint(opts.base, base_options), opts.base
+    return ctx.finetuned_endpoint(opts.base, opts.base_options), opts.base
 
 
 def endpoint_candidates(ctx: MethodContext, opts: WiseFTOptions, curve: str) -> tuple[Classifier, str, list[Candidate]]:
@@ -53,9 +53,9 @@ def endpoint_candidates(ctx: MethodContext, opts: WiseFTOptions, curve: str) -> 
     finetuned, base_name = finetuned_endpoint(ctx, opts)
     curve = f"{curve}/{base_name}"
     return finetuned, base_name, [
-        Candidate("zeroshot", ctx.zeroshot, {"endpoint": "zeroshot", "alpha": 0.0, "curve": curve}),
-        Candidate(base_name if not opts.finetuned else "finetuned", finetuned,
-                  {"endpoint": "finetuned", "alpha": 1.0, "curve": curve, "base": base_name}),
+        Candidate("zeroshot", ctx.zeroshot, alpha=0.0, curve=curve, endpoint="zeroshot"),
+        Candidate(base_name if not opts.finetuned else "finetuned", finetuned, alpha=1.0, curve=curve,
+                  endpoint="finetuned", base=base_name),
     ]
 
 
@@ -70,6 +70,6 @@ class WiseFT:
         finetuned, base_name, out = endpoint_candidates(ctx, opts, "wise-ft")
         for alpha in opts.alpha:
             if 0.0 < alpha < 1.0:
-                out.append(Candidate(f"wise-ft α={alpha:.2f}", interpolate(ctx.zeroshot, finetuned, alpha),
-                                     {"alpha": alpha, "curve": f"wise-ft/{base_name}", "base": base_name}))
+                out.append(Candidate(f"wise-ft α={alpha_label(alpha)}", interpolate(ctx.zeroshot, finetuned, alpha),
+                                     alpha=alpha, curve=f"wise-ft/{base_name}", base=base_name))
         return out

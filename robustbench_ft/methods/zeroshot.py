@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from robustbench_ft.methods.base import Candidate, MethodContext
+from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.registry import register_method
 
 
@@ -20,4 +20,4 @@ class Zeroshot:
     options = ZeroshotOptions
 
     def run(self, ctx: MethodContext) -> list[Candidate]:
-        return [Candidate("zeroshot", ctx.zeroshot, {"endpoint": "zeroshot", "alpha": 0.0})]
+        return [Candidate("zeroshot", ctx.zeroshot, alpha=0.0, endpoint="zeroshot")]

@@ -22,11 +22,17 @@ from typing import Sequence
 import open_clip
 import torch
 
-from robustbench_ft.data.shards import file_sha256
 from robustbench_ft.models.classifier import Classifier, ClassifierInfo
 from robustbench_ft.models.clip import (
-    CheckpointError, LoadedCLIP, check_state_dict, create_architecture, read_state_dict, resolve_device,
+    CheckpointError,
+    LoadedCLIP,
+    check_finite,
+    check_state_dict,
+    create_architecture,
+    read_state_dict,
+    resolve_device,
 )
+from robustbench_ft.util import file_sha256
 
 ENCODER_PREFIXES: tuple[str, ...] = ("", "model.", "image_encoder.model.", "module.model.")
 HEAD_PREFIXES: tuple[str, ...] = ("classification_head.", "head.")
@@ -58,7 +64,7 @@ def import_checkpoint(path: str | Path, model: str, classnames: Sequence[str], t
     """
     path = Path(path)
     if path.suffix == ".safetensors" and path.with_suffix(".json").is_file():
-        return Classifier.load(path, device=device)
+        return Classifier.load(path, device=device, expected_model=model)
     state = read_state_dict(path, trust_pickle=trust_pickle)
     encoder_prefix, head_prefix = describe_layout(state)
     clip_net, _, preprocess_eval = create_architecture(model)
@@ -89,5 +95,6 @@ def import_checkpoint(path: str | Path, model: str, classnames: Sequence[str], t
     if bias is not None:
         with torch.no_grad():
             classifier.head.bias.copy_(bias)
+    check_finite(classifier.state_dict(), f"{path} (as a classifier)")  # the head is read apart from the encoder
     return classifier.to(dev).eval()
 

@@ -17,10 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from robustbench_ft.models.clip import (
-    CheckpointError, LoadedCLIP, check_state_dict, create_architecture, list_models, read_state_dict,
+    CheckpointError,
+    LoadedCLIP,
+    check_state_dict,
+    create_architecture,
+    list_models,
+    read_state_dict,
 )
 from robustbench_ft.models.zeroshot import zeroshot_weights
-from robustbench_ft.results import atomic_write_bytes, atomic_write_text
+from robustbench_ft.util import atomic_write_bytes, atomic_write_text
 
 SIDECAR_FORMAT = "robustbench-ft-classifier"
 
@@ -78,14 +83,23 @@ class Classifier(torch.nn.Module):
         return weights
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Classifier":
-        """Load a classifier saved by :meth:`save` (``.safetensors`` + ``.json`` sidecar)."""
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", *,
+             expected_model: str | None = None) -> "Classifier":
+        """Load a classifier saved by :meth:`save` (``.safetensors`` + ``.json`` sidecar).
+
+        ``expected_model``: the architecture the caller runs; a sidecar naming another is refused before
+        anything is built (a 2 KB sidecar must not make the harness build a huge model). Every tensor
+        must be finite.
+        """
         weights = Path(path).with_suffix(".safetensors")
         sidecar = weights.with_suffix(".json")
         if not sidecar.is_file():
             raise FileNotFoundError(f"{sidecar} is missing: a saved classifier is a .safetensors file plus its "
                                     "JSON sidecar (model name, class names)")
         meta = _read_sidecar(sidecar)
+        if expected_model is not None and meta["model"] != expected_model:
+            raise CheckpointError(f"{weights} is a {meta['model'][:80]!r} classifier (its sidecar says so), but this "
+                                  f"run uses --model {expected_model}; pass the matching --model")
         info = ClassifierInfo(meta["model"], meta["classnames"], meta["templates"], meta.get("provenance", {}))
         visual = create_architecture(info.model)[0].visual
         state = read_state_dict(weights)
@@ -151,7 +165,7 @@ def average(classifiers: Sequence[Classifier], weights: Sequence[float]) -> Clas
     tensors (e.g. batch-norm step counters) are taken from the last classifier. When every
     classifier has the same image encoder (linear heads on one frozen encoder), the result keeps
     that encoder *module* and only the heads are mixed: evaluation then computes the features once
-    for all of them (see :func:`robustbench_ft.evaluate.evaluate`), and the encoder is not copied
+    for all of them (see :func:`robustbench_ft.evaluation.evaluate`), and the encoder is not copied
     (so train a deep copy of such a result, as :func:`~robustbench_ft.methods.finetune.finetune_classifier` does).
     """
     if not classifiers or len(classifiers) != len(weights):

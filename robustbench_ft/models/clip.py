@@ -158,7 +158,13 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], got: Mapping[str, tor
     if problems:
         raise CheckpointError(f"{source} does not match the model architecture: " + "; ".join(problems)
                               + ". Check --model matches the checkpoint.")
-    non_finite = [k for k, v in got.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    check_finite(got, source)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming the first tensor that holds NaN or infinite values (a diverged or
+    damaged checkpoint would otherwise train or score as NaN)."""
+    non_finite = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if non_finite:
         raise CheckpointError(f"{source}: tensor {non_finite[0]!r} holds NaN or infinite values"
                               + (f" (and {len(non_finite) - 1} more tensor(s))" if len(non_finite) > 1 else "")

@@ -24,7 +24,9 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from robustbench_ft.results import ResultRecord
-from robustbench_ft.robustness import SHIFT_AVG, Baseline, LinearFit, fit_x, inverse_transform, shift_score, transform
+from robustbench_ft.robustness.axes import inverse_transform, transform
+from robustbench_ft.robustness.baseline import SHIFT_AVG, Baseline, fit_x, shift_score
+from robustbench_ft.robustness.fits import LinearFit
 
 DPI = 110
 FIGSIZE = (5.4, 4.6)

@@ -17,8 +17,10 @@ from typing import Any, Sequence
 import jinja2
 
 from robustbench_ft.report.figures import figure_bytes, scatter_figure
-from robustbench_ft.results import ResultRecord, atomic_write_bytes, atomic_write_text, now_iso, slugify
-from robustbench_ft.robustness import SHIFT_AVG, Baseline, compute_effective_robustness, shift_score
+from robustbench_ft.results import ResultRecord, now_iso
+from robustbench_ft.robustness.baseline import SHIFT_AVG, Baseline, shift_score
+from robustbench_ft.robustness.effective import compute_effective_robustness
+from robustbench_ft.util import atomic_write_bytes, atomic_write_text, slugify
 
 TEMPLATES = Path(__file__).parent / "templates"
 DEFAULT_TITLE = "robustbench-ft report"

@@ -27,14 +27,21 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from robustbench_ft.config import stable_hash
-from robustbench_ft.data.loader import ShardDataset
-from robustbench_ft.data.registry import Suite, ensure_dataset, get_dataset, get_suite, unknown_name_error
-from robustbench_ft.evaluate import evaluate
-from robustbench_ft.metrics import NEEDS_META, compute
+from robustbench_ft.datasets.build import ensure_dataset
+from robustbench_ft.datasets.registry import get_dataset, get_suite
+from robustbench_ft.datasets.spec import Suite
+from robustbench_ft.evaluation.options import EvalOptions
+from robustbench_ft.evaluation.scoring import score_suite
+from robustbench_ft.loading.shard_dataset import ShardDataset
 from robustbench_ft.results import (
-    RecordError, ResultRecord, load_record, now_iso, slugify, software_versions, write_record,
+    RecordError,
+    ResultRecord,
+    load_record,
+    now_iso,
+    software_versions,
+    write_record,
 )
+from robustbench_ft.util import slugify, stable_hash, unknown_name_error
 
 SUITE = "demo"
 EVAL_GROUP = 8
@@ -344,7 +351,7 @@ def build_demo_zoo(out_dir: Path, data_root: Path, only: list[str] | None = None
             train_seconds[spec.name] = time.perf_counter() - start
             log(f"trained {spec.name} in {train_seconds[spec.name]:.1f}s")
         start = time.perf_counter()
-        metrics = _evaluate_group(models, eval_dirs)
+        metrics = _evaluate_group(models, suite, eval_dirs)
         eval_seconds = (time.perf_counter() - start) / len(group)
         for spec, path in group:
             record = _zoo_record(spec, suite, models[spec.name], metrics[spec.name],
@@ -355,16 +362,11 @@ def build_demo_zoo(out_dir: Path, data_root: Path, only: list[str] | None = None
     return paths
 
 
-def _evaluate_group(models: dict[str, nn.Module], eval_dirs: dict[str, Path]) -> dict[str, dict[str, dict]]:
-    """model name -> dataset -> metrics (the dataset's own metric plus top-1 and n), one pass per dataset."""
-    out: dict[str, dict[str, dict]] = {name: {} for name in models}
-    for ds, directory in eval_dirs.items():
-        metric = get_dataset(ds).metric
-        preds = evaluate(models, directory, DigitTransform(), batch_size=500, progress=False,
-                         keep_meta=metric in NEEDS_META)
-        for name in models:
-            out[name][ds] = compute(metric, preds.logits[name], preds.labels, preds.metas)
-    return out
+def _evaluate_group(models: dict[str, nn.Module], suite: Suite, eval_dirs: dict[str, Path]) -> dict[str, dict[str, dict]]:
+    """model name -> dataset -> metrics, one pass per dataset, scored as the runner scores candidates."""
+    specs = {ds: get_dataset(ds) for ds in eval_dirs}
+    return score_suite(models, specs, eval_dirs, suite.reference, DigitTransform(),
+                       EvalOptions(batch_size=500, progress=False)).metrics
 
 
 def _zoo_record(spec: ZooModel, suite: Suite, model: nn.Module, metrics: dict[str, dict],

@@ -1,7 +1,7 @@
 """Contrastive pretraining of the embedded demo CLIP model on a procedurally generated digit corpus.
 
 The demo suite needs a zero-shot model that runs offline; no public checkpoint is small enough to
-ship, so the project pretrains its own, CLIP-style, on rendered digits (``robustbench_ft.data.render``:
+ship, so the project pretrains its own, CLIP-style, on rendered digits (``robustbench_ft.demo.render``:
 pretraining fonts and hand-drawn-like strokes, never MNIST or the held-out fonts) with varied captions.
 Zero-shot accuracy on MNIST is then a true zero-shot number.
 
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from robustbench_ft.data.digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, load_mnist
-from robustbench_ft.data.fonts import PRETRAIN_FONTS, font_paths
-from robustbench_ft.data.render import COLOURS, make_caption, sample_colours, sample_rendering
+from robustbench_ft.demo.digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, load_mnist
+from robustbench_ft.demo.fonts import PRETRAIN_FONTS, font_paths
+from robustbench_ft.demo.render import COLOURS, make_caption, sample_colours, sample_rendering
 from robustbench_ft.models import load_clip, zeroshot_weights
 
 _COLOUR_NAMES = tuple(COLOURS)

@@ -1,0 +1,151 @@
+"""`robustbench-ft run`: flags from RunConfig and the chosen method's options, parsed as the fields declare."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from robustbench_ft.config import RunConfig
+from robustbench_ft.typed import field_hints, from_text
+
+RUN_FLAGS = [f for f in dataclasses.fields(RunConfig) if f.name != "method_options"]
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: ``eval_batch_size`` -> ``--eval-batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML run config; flags override its values")
+    hints = field_hints(RunConfig)
+    for f in RUN_FLAGS:
+        if hints[f.name] is bool:
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default: {f.default})")
+        else:
+            p.add_argument(flag(f.name), default=None, help=f"(default: {f.default})")
+
+
+def _add_method_flags(p: argparse.ArgumentParser, method: str, seen: set[str]) -> list[str]:
+    """Flags for one method's options; returns the option names added."""
+    from robustbench_ft.methods.registry import get_method
+
+    spec = get_method(method)
+    group = p.add_argument_group(f"options of method {spec.name!r}")
+    added = []
+    for f in dataclasses.fields(spec.options):
+        if f.name in seen or typing.get_origin(typing.get_type_hints(spec.options)[f.name]) is dict:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        group.add_argument(flag(f.name), dest=f"opt__{f.name}", default=None, metavar=f.name.upper(),
+                           help=f"(default: {default})")
+        seen.add(f.name)
+        added.append(f.name)
+    return added
+
+
+@dataclasses.dataclass
+class _RunFlags:
+    """The run parser and which method (and base method) each option flag belongs to."""
+
+    parser: argparse.ArgumentParser
+    method: str
+    own: list[str]
+    base: str | None = None
+    base_own: list[str] = dataclasses.field(default_factory=list)
+
+
+def _run_parser(argv: Sequence[str]) -> _RunFlags:
+    """Two-phase parse: the chosen method (and WiSE-FT's base) decide which option flags exist."""
+    from robustbench_ft.methods.registry import get_method
+
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--method")
+    peek.add_argument("--base")
+    peek.add_argument("--config", type=Path)
+    known, _ = peek.parse_known_args(argv)
+    method = known.method
+    if method is None and known.config is not None and known.config.is_file():
+        method = RunConfig.from_toml(known.config).method
+    method = get_method(method or RunConfig.method).name
+    p = argparse.ArgumentParser(prog="robustbench-ft run", description="Fine-tune (where the method needs it), "
+                                "evaluate every candidate on every dataset of the suite, write records and a report.")
+    _add_run_flags(p)
+    seen: set[str] = set()
+    flags = _RunFlags(p, method, _add_method_flags(p, method, seen))
+    fields = {f.name: f for f in dataclasses.fields(get_method(method).options)}
+    if "base_options" in fields:
+        flags.base = get_method(known.base or fields["base"].default).name
+        flags.base_own = _add_method_flags(p, flags.base, seen)
+    return flags
+
+
+def _method_flags(args: argparse.Namespace, names: list[str], method: str | None) -> dict[str, Any]:
+    """The option flags given for ``method``, parsed from text as its options dataclass declares them."""
+    from robustbench_ft.methods.registry import get_method
+    from robustbench_ft.typed import field_hints, from_text
+
+    if method is None:
+        return {}
+    hints = field_hints(get_method(method).options)
+    given = {k: getattr(args, f"opt__{k}") for k in names if getattr(args, f"opt__{k}") is not None}
+    return {k: from_text(v, hints[k], k) for k, v in given.items()}
+
+
+def run_config_from_argv(argv: Sequence[str]) -> RunConfig:
+    """The RunConfig that ``robustbench-ft run ARGV`` runs: flags parsed as their fields declare, over
+    the ``--config`` file if one is given."""
+    flags = _run_parser(argv)
+    args = flags.parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    hints = field_hints(RunConfig)
+    for f in RUN_FLAGS:
+        value = getattr(args, f.name)
+        if value is not None:
+            overrides[f.name] = from_text(value, hints[f.name], f.name)
+    options = _method_flags(args, flags.own, flags.method)
+    base = _method_flags(args, flags.base_own, flags.base)
+    if base:
+        options["base_options"] = base
+    overrides["method_options"] = options
+    return RunConfig.from_toml(args.config, **overrides) if args.config else RunConfig(**overrides)
+
+
+def cmd_run(argv: Sequence[str]) -> int:
+    config = run_config_from_argv(argv)
+    from robustbench_ft.runner import run
+
+    outcome = run(config)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone prints the summary
+        return 0
+    print_summary(outcome.records)
+    print(f"\nrecords: {outcome.records_dir}/")
+    if outcome.report:
+        print(f"report:  {outcome.report}")
+    return 0
+
+
+def print_summary(records: list) -> None:
+    """A plain-text table: candidate, reference, each shift, shift mean, effective robustness."""
+    if not records:
+        return
+    first = records[0]
+    cols = [first.reference, *first.shifts]
+    header = ["candidate", *cols, "shift avg", "ER avg (pp)"]
+    rows = []
+    for r in records:
+        er = r.effective_robustness.get("shift-avg") if r.effective_robustness else None
+        rows.append([r.candidate, *[f"{100 * r.score(c):.1f}" for c in cols], f"{100 * r.shift_mean:.1f}",
+                     "-" if er is None else f"{100 * er:+.1f}"])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))
+    print("\n" + line)
+    print("-" * len(line))
+    for row in rows:
+        print("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(row, widths))))
+    print(f"(accuracy in %, {first.primary_metric.get(first.reference, 'top1')} on the reference; "
+          "ER = effective robustness against the suite's baseline fit)")

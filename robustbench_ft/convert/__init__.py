@@ -1,0 +1,1 @@
+"""Official downloads to verified shard sets: a converter scans (``sources``), the engine writes (``engine``)."""

@@ -1,0 +1,13 @@
+"""Effective robustness against baseline trends (Taori et al. 2020): axes, fits, baselines, the testbed's fit."""
+from robustbench_ft.robustness.axes import TRANSFORMS, inverse_transform, transform
+from robustbench_ft.robustness.baseline import SHIFT_AVG, Baseline, baseline_records, load_baseline
+from robustbench_ft.robustness.effective import (
+    attach_effective_robustness,
+    compute_effective_robustness,
+    effective_robustness,
+)
+from robustbench_ft.robustness.fits import LinearFit, bootstrap_band, fit_linear
+
+__all__ = ["TRANSFORMS", "transform", "inverse_transform", "SHIFT_AVG", "Baseline", "baseline_records",
+           "load_baseline", "attach_effective_robustness", "compute_effective_robustness", "effective_robustness",
+           "LinearFit", "bootstrap_band", "fit_linear"]
