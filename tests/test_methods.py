@@ -355,3 +355,39 @@ def test_example_configs_are_valid(path):
     base = getattr(options, "base", None)
     if base is not None:  # the nested base options are checked against the base method too
         get_method(base).make_options(options.base_options)
+
+
+def test_finetune_after_wise_ft_on_the_demo_suite_trains_nothing(small_demo, tmp_path, capsys, monkeypatch):
+    """One resolved run: WiSE-FT's fine-tuned endpoint and `run --method finetune` with the same effective
+    options (the demo suite's defaults plus the same flags) are one checkpoint, trained once."""
+    from robustbench_ft.methods import finetune as finetune_module
+
+    steps = []
+    real_train = finetune_module.train
+    monkeypatch.setattr(finetune_module, "train", lambda *a, **k: steps.append(1) or real_train(*a, **k))
+    common = ["--model", "rbft-demo-vit", "--pretrained", "random", "--suite", "demo", "--no-report",
+              "--data-root", str(small_demo), "--cache-dir", str(tmp_path / "cache"), "--results-dir",
+              str(tmp_path / "results"), "--workers", "0", "--eval-batch-size", "64", *TRAIN_FLAGS]
+    assert main(["run", "--method", "wise-ft", *common]) == 0
+    assert steps == [1]
+    assert main(["run", "--method", "finetune", *common]) == 0, capsys.readouterr().err
+    assert steps == [1] and "using cached finetune checkpoint" in capsys.readouterr().out
+
+
+def test_a_suite_default_is_part_of_the_key_of_what_it_reaches():
+    demo = get_suite("demo")
+    changed = register_suite(Suite("demo-other-lr", reference=demo.reference, shifts=demo.shifts, train=demo.train,
+                                   val=demo.val, baseline=demo.baseline,
+                                   method_defaults={**demo.method_defaults,
+                                                    "finetune": {**demo.method_defaults["finetune"], "lr": 2e-4}}))
+    try:
+        base, other = (resolve(RunConfig(method="wise-ft", suite=s)) for s in ("demo", changed.name))
+        assert base.options.base_options == {} and base.identity["options"]["base_options"]["lr"] == 1e-4
+        assert other.identity["options"]["base_options"]["lr"] == 2e-4
+        sub, top = base.sub_run("finetune", {}), resolve(RunConfig(method="finetune", suite="demo"))
+        assert sub.hash == top.hash  # the endpoint of wise-ft is the run of finetune
+        assert resolve(RunConfig(method="finetune", suite=changed.name)).hash != top.hash
+    finally:
+        from robustbench_ft.datasets import registry
+
+        registry._SUITES.pop(changed.name)

@@ -7,50 +7,12 @@ WiSE-FT (``--base``, ``--finetuned``).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-
-import torch
 
 from robustbench_ft.methods.context import Candidate, MethodContext, alpha_label
 from robustbench_ft.methods.registry import register_method
 from robustbench_ft.methods.wise_ft import WiseFTOptions, endpoint_candidates
-from robustbench_ft.models.classifier import Classifier
-
-
-class _LogitPair(torch.nn.Module):
-    """Both classifiers' logits side by side, [zs | ft]; one encoder pass when they share the encoder."""
-
-    def __init__(self, zeroshot: Classifier, finetuned: Classifier):
-        super().__init__()
-        self.zeroshot = zeroshot
-        self.finetuned = finetuned
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feats = self.zeroshot.features(images)
-        ft_feats = feats if self.finetuned.visual is self.zeroshot.visual else self.finetuned.features(images)
-        return torch.cat([self.zeroshot.head(feats), self.finetuned.head(ft_feats)], dim=-1)
-
-
-class OutputEnsemble(Classifier):
-    """A Classifier whose "encoder" is the pair of models and whose head mixes their logits with α.
-
-    Being a Classifier, every α of one sweep built on the same pair shares its forward pass in
-    :func:`robustbench_ft.evaluation.evaluate` (candidates are grouped by encoder): an α sweep costs
-    one pass of each model, as for WiSE-FT over a linear probe.
-    """
-
-    def __init__(self, pair: _LogitPair, alpha: float):
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        eye = torch.eye(pair.zeroshot.num_classes)
-        info = copy.deepcopy(pair.zeroshot.info)
-        info.provenance.update({"ensemble_alpha": alpha, "finetuned": pair.finetuned.info.provenance})
-        super().__init__(pair, torch.cat([(1.0 - alpha) * eye, alpha * eye], dim=1), info)
-        self.to(pair.zeroshot.head.weight.device)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual(images)  # the two logit vectors: not normalised, unlike image features
+from robustbench_ft.models.combined import LogitMixture, MemberLogits
 
 
 @dataclass(frozen=True)
@@ -68,9 +30,9 @@ class Ensemble:
     def run(self, ctx: MethodContext) -> list[Candidate]:
         opts: EnsembleOptions = ctx.options
         finetuned, base_name, out = endpoint_candidates(ctx, opts, "ensemble")
-        pair = _LogitPair(ctx.zeroshot, finetuned)
+        pair = MemberLogits([ctx.zeroshot, finetuned])  # one pass of each encoder for every α
         for alpha in opts.alpha:
             if 0.0 < alpha < 1.0:
-                out.append(Candidate(f"ensemble α={alpha_label(alpha)}", OutputEnsemble(pair, alpha),
+                out.append(Candidate(f"ensemble α={alpha_label(alpha)}", LogitMixture(pair, [1.0 - alpha, alpha]),
                                      alpha=alpha, curve=f"ensemble/{base_name}", base=base_name))
         return out

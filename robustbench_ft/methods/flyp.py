@@ -25,7 +25,7 @@ import copy
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
+from open_clip.loss import ClipLoss
 
 from robustbench_ft import distributed
 from robustbench_ft.datasets.registry import get_dataset
@@ -42,16 +42,14 @@ class FlypOptions(ScheduleOptions):
     grad_clip: float = 0.0   # the FLYP code does not clip gradients
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE (Radford et al. 2021, Fig. 3) for a batch of N matching pairs.
+_CLIP_LOSS = ClipLoss()  # open_clip's, on one process: the features it gets are already gathered
 
-    ``image_features`` and ``text_features`` are L2-normalised [N, D]; ``logit_scale`` is the
-    temperature's inverse, exp(t). Row i of each is a positive pair, every other row a negative:
-    the mean of the image→text and text→image cross-entropies with targets on the diagonal.
-    """
-    logits = logit_scale * image_features @ text_features.T
-    targets = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE (Radford et al. 2021, Fig. 3) for a batch of N matching pairs: open_clip's
+    ``ClipLoss`` on L2-normalised [N, D] features, ``logit_scale`` = exp(t). Row i of each is a positive
+    pair, every other row a negative (the mean of the image→text and text→image cross-entropies)."""
+    return _CLIP_LOSS(image_features, text_features, logit_scale)
 
 
 def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
