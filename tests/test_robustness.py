@@ -224,3 +224,44 @@ def test_unknown_transform():
         LinearFit.from_dict({"slope": 1, "intercept": 0, "r": 1, "n": 3, "transform": "loggit"})
     with pytest.raises(ValueError, match="no records with kind"):
         Baseline.from_records([make_record("r", 0.5, {"shift-a": 0.4}, kind="reproduced")], "b")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d["fits"]["shift-a"].update(slope=float("nan")), "fit 'shift-a': fit field 'slope' must be a finite"),
+    (lambda d: d["fits"]["shift-a"].update(slope="1.2"), "fit field 'slope' must be a finite number"),
+    (lambda d: d["fits"]["shift-a"].update(n=1.5), "fit field 'n' must be a whole number"),
+    (lambda d: d["fits"]["shift-a"].update(r=3.0), "must be a correlation in"),
+    (lambda d: d["fits"]["shift-a"].pop("intercept"), r"missing \['intercept'\]"),
+    (lambda d: d["points"]["shift-a"].update(x=[0.5, "x"]), "points 'shift-a': fit points 'x' must be a list of finite"),
+    (lambda d: d["points"]["shift-a"].update(y=[1.5] * len(d["points"]["shift-a"]["x"])), "accuracies in"),
+    (lambda d: d.update(fits=[]), "'fits' and 'points' must be objects"),
+    (lambda d: d.update(name=3), "field 'name' must be a string"),
+])
+def test_a_baseline_file_is_validated_when_loaded(tmp_path, baseline_records, edit, match):
+    """A NaN or mistyped coefficient used to load and then give +nan effective robustness or a traceback."""
+    import json as json_mod
+
+    data = json_mod.loads(Baseline.from_records(baseline_records, "toy").to_json())
+    edit(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json_mod.dumps(data))
+    with pytest.raises(ValueError, match=match):
+        Baseline.load(path)
+
+
+def test_piecewise_baselines_predict_band_and_draw_by_piece(baseline_records):
+    from robustbench_ft.report.figures import scatter_figure
+    from robustbench_ft.robustness.baseline import FitPoints
+    from robustbench_ft.robustness.fits import fit_piecewise
+
+    base = Baseline.from_records(baseline_records, "toy")
+    pts = base.points["shift-a"]
+    base.fits["shift-a"] = fit_piecewise(pts.x, pts.y, "logit", (0.6,), x_dataset="ref", y_dataset="shift-a")
+    lo, hi = base.band("shift-a", np.array([0.35, 0.55, 0.65, 0.85]), n_boot=50)
+    assert np.all(np.isfinite(lo)) and np.all(lo <= hi)
+    again = Baseline.from_json(base.to_json())
+    assert again.fits["shift-a"] == base.fits["shift-a"] and isinstance(again.points["shift-a"], FitPoints)
+    fig = scatter_figure([make_record("c", 0.7, {s: 0.5 for s in SHIFTS}, kind="reproduced")], "shift-a",
+                         avg_shifts=SHIFTS, baseline=base, kind="logit", n_boot=20)
+    line = next(l for l in fig.axes[0].lines if "piecewise" in l.get_label())
+    assert np.isnan(line.get_ydata()).sum() == 1  # broken once, at the pivot

@@ -16,9 +16,12 @@ from robustbench_ft.robustness.baseline import SHIFT_AVG, load_baseline
 from robustbench_ft.robustness.effective import compute_effective_robustness
 from robustbench_ft.robustness.testbed import TESTBED_SHIFTS, fit_testbed_baseline, read_testbed_csv
 
-# true logit-space trends, shift -> (slope, intercept); x is the column TESTBED_SHIFTS names
+# true logit-space trends, shift -> (slope, intercept); x is the column TESTBED_SHIFTS names. ImageNet-A
+# is piecewise, split at 91.86 % on its classes as the testbed fits it: a line below the pivot, another above.
 TRUE = {"imagenetv2-matched-frequency": (0.9, -0.5), "imagenet-r": (0.6, -2.0), "imagenet-sketch": (1.1, -2.4),
         "objectnet": (1.0, -1.9), "imagenet-a": (2.0, -7.7)}
+TRUE_A_PIECES = ((0.7, -5.1), (3.0, -10.3))
+PIVOT_A = 0.9186
 COLUMNS = ["model", "greyscale", "imagenet-a", "imagenet-r", "imagenet-sketch", "imagenetv2-matched-frequency",
            "imagenetv2-matched-frequency-format-val", "objectnet-1.0-beta", "val", "val-on-imagenet-a-classes",
            "val-on-imagenet-r-classes", "val-on-objectnet-classes"]
@@ -38,8 +41,11 @@ def write_table(path, *, extra_rows: list[dict] = ()) -> None:
         row = {"model": name, "val": 100 * val, "greyscale": 100 * val - 3}
         for shift, cols in TESTBED_SHIFTS.items():
             x = 0.78 + 0.015 * i if cols.subset else val  # subset columns: above the 75 % cut-off
-            row[cols.x] = 100 * x
             slope, intercept = TRUE[shift]
+            if shift == "imagenet-a":  # 6 models on each side of the pivot
+                x = 0.80 + 0.02 * i if i < 6 else 0.925 + 0.008 * (i - 6)
+                slope, intercept = TRUE_A_PIECES[x > PIVOT_A]
+            row[cols.x] = 100 * x
             row[cols.y] = expit_pct(slope * special.logit(x) + intercept)
         row["imagenetv2-matched-frequency"] = row["imagenetv2-matched-frequency-format-val"] - 1  # not the fitted column
         rows.append(row)
@@ -48,6 +54,8 @@ def write_table(path, *, extra_rows: list[dict] = ()) -> None:
                  "val-on-imagenet-a-classes": 50.0, "val-on-objectnet-classes": 45.0, "imagenet-sketch": 99.0,
                  "imagenet-r": 99.0, "imagenet-a": 99.0, "objectnet-1.0-beta": 99.0})
     rows.append({**rows[5], "model": "resnet50_aws_baseline", "imagenet-sketch": 1.0})
+    # resnet50 sits at the pivot with 0 % on ImageNet-A (the set was filtered against it): the testbed drops it
+    rows.append({**rows[4], "model": "resnet50", "val-on-imagenet-a-classes": 100 * PIVOT_A, "imagenet-a": 0.0})
     rows += list(extra_rows)
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, COLUMNS)
@@ -63,7 +71,7 @@ def table(tmp_path):
     return path
 
 
-STANDARD_LIST = [*STANDARD, "resnet_low", "resnet50_aws_baseline"]
+STANDARD_LIST = [*STANDARD, "resnet_low", "resnet50_aws_baseline", "resnet50"]
 
 
 def test_fit_recovers_the_lines_from_standard_models_only(table):
@@ -72,10 +80,14 @@ def test_fit_recovers_the_lines_from_standard_models_only(table):
     assert set(baseline.fits) == {*TRUE, SHIFT_AVG}
     for shift, (slope, intercept) in TRUE.items():
         fit = baseline.fits[shift]
-        assert fit.slope == pytest.approx(slope, abs=1e-4) and fit.intercept == pytest.approx(intercept, abs=1e-4)
-        assert fit.n == len(STANDARD)  # not the more-data model, the low one, or the aws variant
+        pieces = fit.pieces if shift == "imagenet-a" else (fit,)
+        truths = TRUE_A_PIECES if shift == "imagenet-a" else ((slope, intercept),)
+        for piece, (s, b) in zip(pieces, truths, strict=True):
+            assert piece.slope == pytest.approx(s, abs=1e-4) and piece.intercept == pytest.approx(b, abs=1e-4)
         assert fit.x_metric == (subset_key(shift) if TESTBED_SHIFTS[shift].subset else "")
-        assert baseline.points[shift]["models"] == sorted(STANDARD)
+        # not the more-data model, the low one or the aws variant; resnet50 everywhere but on ImageNet-A
+        expected_models = sorted(STANDARD) if shift == "imagenet-a" else sorted([*STANDARD, "resnet50"])
+        assert baseline.points[shift].models == expected_models and fit.n == len(expected_models)
     assert baseline.fits[SHIFT_AVG].x_metric == "" and baseline.avg_shifts == list(TESTBED_SHIFTS)
 
 
@@ -87,9 +99,48 @@ def test_cli_prints_coefficients_and_stores_a_loadable_baseline(table, tmp_path,
                  "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["imagenet-r"]["slope"] == pytest.approx(0.6, abs=1e-4)
-    assert printed["imagenet-r"]["x"] == "top1@imagenet-r" and printed["imagenet-r"]["n"] == len(STANDARD)
+    assert printed["imagenet-r"]["x"] == "top1@imagenet-r" and printed["imagenet-r"]["n"] == len(STANDARD) + 1
+    assert printed["imagenet-a"]["pivots"] == [PIVOT_A] and [p["n"] for p in printed["imagenet-a"]["pieces"]] == [6, 6]
     loaded = load_baseline(out)
     assert loaded.fits["objectnet"].slope == pytest.approx(1.0, abs=1e-4)
+    assert loaded.fits["imagenet-a"] == fit_testbed_baseline(table, standard=STANDARD_LIST).fits["imagenet-a"]
+
+
+def test_imagenet_a_trend_gives_the_testbeds_predictions_on_both_sides_of_its_pivot(table):
+    """The testbed's own procedure (paper_imagenet_a.py): scipy.stats.linregress in logit space on each
+    side of 91.86 %, resnet50 out; our piecewise fit predicts what its two lines predict just below and
+    above the pivot (where the testbed's lines do not meet, neither do ours)."""
+    from scipy import stats
+
+    rows = read_testbed_csv(table)
+    cols = TESTBED_SHIFTS["imagenet-a"]
+    pts = [(r[cols.x], r[cols.y]) for m, r in rows.items()
+           if m in STANDARD and r.get(cols.x, 0) >= 0.75]
+    lines = [stats.linregress([special.logit(x) for x, y in side], [special.logit(y) for x, y in side])
+             for side in ([p for p in pts if p[0] < PIVOT_A], [p for p in pts if p[0] > PIVOT_A])]
+    fit = fit_testbed_baseline(table, standard=STANDARD_LIST).fits["imagenet-a"]
+    for x, line in ((PIVOT_A - 1e-6, lines[0]), (PIVOT_A + 1e-6, lines[1]), (0.85, lines[0]), (0.96, lines[1])):
+        expected = special.expit(line.slope * special.logit(x) + line.intercept)
+        assert fit.predict(x) == pytest.approx(expected, abs=1e-6)
+    jump = fit.predict(PIVOT_A + 1e-9) - fit.predict(PIVOT_A - 1e-9)
+    testbed_jump = (special.expit(lines[1].slope * special.logit(PIVOT_A) + lines[1].intercept)
+                    - special.expit(lines[0].slope * special.logit(PIVOT_A) + lines[0].intercept))
+    assert jump == pytest.approx(testbed_jump, abs=1e-6) and abs(jump) > 0.01
+
+
+def test_a_piecewise_fit_is_continuous_where_its_data_is():
+    """Points on one broken line that is continuous at the pivot give pieces that meet there."""
+    from robustbench_ft.robustness.fits import fit_piecewise
+
+    pivot = 0.7
+    zp = special.logit(pivot)
+    below = np.linspace(0.5, 0.68, 8)
+    above = np.linspace(0.72, 0.95, 8)
+    ys = [special.expit(0.5 * (special.logit(x) - zp) - 1.0) for x in below]
+    ys += [special.expit(2.0 * (special.logit(x) - zp) - 1.0) for x in above]
+    fit = fit_piecewise(np.r_[below, above], ys, "logit", (pivot,))
+    assert fit.predict(pivot - 1e-9) == pytest.approx(fit.predict(pivot + 1e-9), abs=1e-6)
+    assert [p.slope for p in fit.pieces] == [pytest.approx(0.5), pytest.approx(2.0)]
 
 
 @pytest.mark.parametrize("content, match", [
@@ -127,6 +178,13 @@ def test_shipped_imagenet_testbed_baseline():
     assert baseline.suite == "imagenet" and set(baseline.fits) == {*TRUE, SHIFT_AVG}
     v2 = baseline.fits["imagenetv2-matched-frequency"]
     assert v2.slope == pytest.approx(0.923, abs=1e-3) and v2.r > 0.99 and v2.n >= 80
+    # ImageNet-A as the testbed fits it: two pieces split at 91.86 %, resnet50 excluded (an independent
+    # recomputation from the same table gave n = 33 / 51, slope 0.689 / 2.956, intercept -5.140 / -10.277)
+    a = baseline.fits["imagenet-a"]
+    assert a.pivots == (0.9186,) and [p.n for p in a.pieces] == [33, 51]
+    assert [p.slope for p in a.pieces] == [pytest.approx(0.6894, abs=1e-3), pytest.approx(2.9560, abs=1e-3)]
+    assert [p.intercept for p in a.pieces] == [pytest.approx(-5.1400, abs=1e-3), pytest.approx(-10.2774, abs=1e-3)]
+    assert "resnet50" not in baseline.points["imagenet-a"].models
     assert baseline.fits["imagenet-r"].x_metric == "top1@imagenet-r"
     # a ResNet-50-like model (76.1 % ImageNet) sits near 63 % on ImageNetV2, as the testbed reports
     assert v2.predict(0.761) == pytest.approx(0.632, abs=0.02)

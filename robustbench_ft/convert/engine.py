@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from robustbench_ft.convert.sources import ConversionError, ConvertOptions, SourceItem
 from robustbench_ft.shards.manifest import (
     MANIFEST_FILE,
     Manifest,
@@ -51,10 +52,10 @@ from robustbench_ft.shards.manifest import (
     shard_file_name,
 )
 from robustbench_ft.shards.writer import ShardFile, encode_image, sniff_image_format
+from robustbench_ft.util import atomic_write_text
 
 if TYPE_CHECKING:
     from robustbench_ft.datasets.spec import DatasetSpec
-from robustbench_ft.convert.sources import ConversionError, ConvertOptions, SourceItem
 
 ENGINE_VERSION = 1  # part of every shard fingerprint: bump when the stored bytes of a task would change
 _PIL_TO_SHARD_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
@@ -135,11 +136,9 @@ def _write_shard(task: _Task) -> _Result:
             shard.discard()
         raise
     result = _Result(info, tuple(skipped), reencoded)
-    sidecar = _sidecar(Path(task.out_path))
-    tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(json.dumps({"fingerprint": task.fingerprint, "shard": info.to_dict() if info else None,
-                               "skipped": [list(s) for s in skipped], "reencoded": reencoded}), encoding="utf-8")
-    os.replace(tmp, sidecar)
+    atomic_write_text(_sidecar(Path(task.out_path)), json.dumps({
+        "fingerprint": task.fingerprint, "shard": info.to_dict() if info else None,
+        "skipped": [list(s) for s in skipped], "reencoded": reencoded}))
     return result
 
 
@@ -206,17 +205,7 @@ def _remove_stale(out: Path, name: str, num_shards: int) -> None:
             path.unlink()
 
 
-def convert_items(items: Sequence[SourceItem], out: str | os.PathLike, *, name: str, classes: Sequence[str],
-                  options: ConvertOptions, metadata: dict[str, Any] | None = None,
-                  log: Callable[[str], None] = print) -> Manifest:
-    """Write ``items`` (in their order) as the shard set ``out`` named ``name``; see the module docstring.
-
-    ``metadata`` goes into the manifest, together with the skipped files and, for ``image_format="keep"``, the
-    number of files re-encoded because their format differed from the set's.
-    """
-    check_name(name)
-    classes = check_classes(classes)
-    out = Path(out)
+def _check_items(items: Sequence[SourceItem], name: str, classes: Sequence[str]) -> None:
     if not items:
         raise ConversionError(f"{name}: nothing to convert (no images found)")
     keys = [item.key for item in items]
@@ -227,8 +216,12 @@ def convert_items(items: Sequence[SourceItem], out: str | os.PathLike, *, name: 
     bad = [item for item in items if not 0 <= int(item.label) < len(classes)]
     if bad:
         raise ConversionError(f"{name}: {bad[0].source} has label {bad[0].label}, outside 0..{len(classes) - 1}")
+
+
+def _tasks(items: Sequence[SourceItem], out: Path, name: str, classes: Sequence[str], image_format: str,
+           options: ConvertOptions) -> list[_Task]:
+    """One task per shard: shard ``j`` holds items ``[j*S, (j+1)*S)``, fingerprinted for resuming."""
     crop = options.border_crop or 0
-    image_format = _stored_format(items, options.image_format)
     settings = {"image_format": image_format, "copy_bytes": options.image_format == "keep"
                 and options.resize_shorter is None and crop == 0, "quality": options.quality,
                 "resize_shorter": options.resize_shorter, "border_crop": crop}
@@ -239,10 +232,11 @@ def convert_items(items: Sequence[SourceItem], out: str | os.PathLike, *, name: 
         tasks.append(_Task(str(out / shard_file_name(name, j)), chunk, image_format, settings["copy_bytes"],
                            options.quality, options.resize_shorter, crop, len(classes), options.on_bad == "skip",
                            _fingerprint(chunk, classes, settings)))
+    return tasks
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_FILE).unlink(missing_ok=True)  # first: an interrupted conversion never passes for complete
-    _remove_stale(out, name, len(tasks))
+
+def _run_tasks(tasks: list[_Task], name: str, options: ConvertOptions, log: Callable[[str], None]) -> dict[int, _Result]:
+    """The result of every task: finished shards kept (resume), the others written by ``options.workers``."""
     results: dict[int, _Result] = {}
     for j, task in enumerate(tasks):
         done = _finished(task)
@@ -263,7 +257,28 @@ def convert_items(items: Sequence[SourceItem], out: str | os.PathLike, *, name: 
                 for j, result in zip(todo, pool.map(_write_shard, [tasks[j] for j in todo])):
                     results[j] = result
                     bar.update()
+    return results
 
+
+def convert_items(items: Sequence[SourceItem], out: str | os.PathLike, *, name: str, classes: Sequence[str],
+                  options: ConvertOptions, metadata: dict[str, Any] | None = None,
+                  log: Callable[[str], None] = print) -> Manifest:
+    """Write ``items`` (in their order) as the shard set ``out`` named ``name``; see the module docstring.
+
+    ``metadata`` goes into the manifest, together with the skipped files and, for ``image_format="keep"``, the
+    number of files re-encoded because their format differed from the set's.
+    """
+    check_name(name)
+    classes = check_classes(classes)
+    out = Path(out)
+    _check_items(items, name, classes)
+    crop = options.border_crop or 0
+    image_format = _stored_format(items, options.image_format)
+    tasks = _tasks(items, out, name, classes, image_format, options)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # first: an interrupted conversion never passes for complete
+    _remove_stale(out, name, len(tasks))
+    results = _run_tasks(tasks, name, options, log)
     ordered = [results[j] for j in range(len(tasks))]
     shards = tuple(r.shard for r in ordered if r.shard is not None)
     skipped = [{"path": path, "reason": reason} for r in ordered for path, reason in r.skipped]

@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from robustbench_ft.results import ResultRecord
 from robustbench_ft.robustness.axes import inverse_transform, transform
 from robustbench_ft.robustness.baseline import SHIFT_AVG, Baseline, fit_x, shift_score
-from robustbench_ft.robustness.fits import LinearFit
+from robustbench_ft.robustness.fits import Fit, PiecewiseFit
 
 DPI = 110
 FIGSIZE = (5.4, 4.6)
@@ -117,7 +117,7 @@ class _Point:
         return self.record.tags.get("endpoint")
 
 
-def _points(records: Sequence[ResultRecord], key: str, avg_shifts: Sequence[str], fit: LinearFit | None) -> list[_Point]:
+def _points(records: Sequence[ResultRecord], key: str, avg_shifts: Sequence[str], fit: Fit | None) -> list[_Point]:
     """Records that have both coordinates; x is the fit's x (a class-subset reference accuracy for
     some shifts), so points and trend line share one axis."""
     out = []
@@ -146,7 +146,7 @@ def scatter_figure(
     cand_pts = [p for p in pts if p.record.kind != "baseline"]
     if not base_pts and baseline is not None and key in baseline.points:
         stored = baseline.points[key]
-        base_xy = np.array([stored["x"], stored["y"]], dtype=float)
+        base_xy = np.array([stored.x, stored.y], dtype=float)
     else:
         base_xy = np.array([[p.x for p in base_pts], [p.y for p in base_pts]], dtype=float).reshape(2, -1)
 
@@ -176,8 +176,12 @@ def scatter_figure(
             band_lo, band_hi = baseline.band(key, inverse_transform(zgrid, kind), n_boot=n_boot, level=BAND_LEVEL)
             handles.append(ax.fill_between(zgrid, T(band_lo), T(band_hi), color=BAND, alpha=0.28, lw=0, zorder=1,
                                            label=f"{BAND_LEVEL:.0%} bootstrap band"))
-        handles += ax.plot(zgrid, fit.slope * zgrid + fit.intercept, color=BASELINE_LINE, lw=1.6, zorder=2,
-                           label=f"baseline fit (r = {fit.r:.2f}, n = {fit.n})")
+        zfit = T(fit.predict(inverse_transform(zgrid, kind)))
+        if isinstance(fit, PiecewiseFit):  # the pieces need not meet: no line drawn across a pivot
+            zfit[np.flatnonzero(np.diff(fit.piece_of(inverse_transform(zgrid, kind))))] = np.nan
+        handles += ax.plot(zgrid, zfit, color=BASELINE_LINE, lw=1.6, zorder=2,
+                           label=f"baseline fit{' (piecewise)' if isinstance(fit, PiecewiseFit) else ''} "
+                                 f"(r = {fit.r:.2f}, n = {fit.n})")
     if base_xy.size:
         handles.append(ax.scatter(T(base_xy[0]), T(base_xy[1]), s=18, color=BASELINE_DOT, edgecolor="white",
                                   lw=0.4, zorder=3, label=f"baseline models ({base_xy.shape[1]})"))

@@ -6,8 +6,8 @@ from robustbench_ft.robustness.effective import (
     compute_effective_robustness,
     effective_robustness,
 )
-from robustbench_ft.robustness.fits import LinearFit, bootstrap_band, fit_linear
+from robustbench_ft.robustness.fits import Fit, LinearFit, PiecewiseFit, bootstrap_band, fit_linear, fit_piecewise
 
 __all__ = ["TRANSFORMS", "transform", "inverse_transform", "SHIFT_AVG", "Baseline", "baseline_records",
            "load_baseline", "attach_effective_robustness", "compute_effective_robustness", "effective_robustness",
-           "LinearFit", "bootstrap_band", "fit_linear"]
+           "Fit", "LinearFit", "PiecewiseFit", "bootstrap_band", "fit_linear", "fit_piecewise"]

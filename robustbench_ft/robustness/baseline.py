@@ -12,18 +12,56 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
+from robustbench_ft.metrics import count_key_of, subset_key
+from robustbench_ft.robustness.axes import check_kind
+from robustbench_ft.robustness.fits import Fit, PiecewiseFit, bootstrap_band, fit_from_dict, fit_linear
 from robustbench_ft.util import atomic_write_text
 
 if TYPE_CHECKING:
     from robustbench_ft.results import ResultRecord
-from robustbench_ft.metrics import count_key_of, subset_key
-from robustbench_ft.robustness.axes import check_kind
-from robustbench_ft.robustness.fits import LinearFit, bootstrap_band, fit_linear
 
 SHIFT_AVG = "shift-avg"
 """Key of the fit (and of the effective robustness) for the mean accuracy over the shifts."""
 BASELINE_FORMAT = "robustbench-ft-baseline"
 BASELINE_SCHEMA_VERSION = 1
+
+
+@dataclass
+class FitPoints:
+    """The models one fit was made from: their accuracies (fractions), test-set sizes (for clipping 0
+    and 1; None where unknown) and names (where known), so a saved baseline can still draw its models
+    and its bootstrap band."""
+
+    x: list[float]
+    y: list[float]
+    x_n: list[float] | None = None
+    y_n: list[float] | None = None
+    models: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("x", "y", "x_n", "y_n"):
+            values = getattr(self, name)
+            if values is None and name in ("x_n", "y_n"):
+                continue
+            if not isinstance(values, list) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values):
+                raise ValueError(f"fit points {name!r} must be a list of finite numbers")
+            if len(values) != len(self.x):
+                raise ValueError(f"fit points {name!r} has {len(values)} values for {len(self.x)} models")
+        if not all(0.0 <= v <= 1.0 for v in (*self.x, *self.y)):
+            raise ValueError("fit points must be accuracies in [0, 1] (fractions)")
+        if self.models is not None and (not isinstance(self.models, list) or len(self.models) != len(self.x)
+                                        or not all(isinstance(m, str) for m in self.models)):
+            raise ValueError("fit points 'models' must be one name (string) per model")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None or k in ("x_n", "y_n")}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "FitPoints":
+        if not isinstance(data, dict) or not {"x", "y"} <= set(data) or set(data) - {"x", "y", "x_n", "y_n", "models"}:
+            raise ValueError("fit points are an object with 'x' and 'y' (and optionally 'x_n', 'y_n', 'models')")
+        return cls(**data)
 
 
 def reference_x(record: "ResultRecord", x_metric: str = "") -> float | None:
@@ -35,7 +73,7 @@ def reference_x(record: "ResultRecord", x_metric: str = "") -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def fit_x(record: "ResultRecord", fit: LinearFit) -> float | None:
+def fit_x(record: "ResultRecord", fit: Fit) -> float | None:
     """The record's x for ``fit`` (``reference_x`` of the fit's ``x_metric``). None where the
     record lacks it or has another reference: then it has no place on that trend."""
     if fit.x_dataset and fit.x_dataset != record.reference:
@@ -88,19 +126,18 @@ class Baseline:
     """The trend of one suite's baseline models: one fit per shift plus one (``SHIFT_AVG``) for
     the mean over ``avg_shifts`` — reference accuracy on x, as the WiSE-FT paper plots it.
 
-    ``points`` keeps the accuracies each fit was made from (``{"x": [...], "y": [...], "x_n":
-    [...] | None, "y_n": [...] | None}``, optionally ``"models"``: their names), so a saved baseline
-    can still draw its models and its bootstrap band; a baseline copied from a paper may carry
-    coefficients only."""
+    A fit is a line or lines on ranges of x (:class:`~robustbench_ft.robustness.fits.PiecewiseFit`).
+    ``points`` keeps the models each fit was made from (:class:`FitPoints`); a baseline copied from a
+    paper may carry coefficients only."""
 
     name: str
     suite: str
     transform: str
-    fits: dict[str, LinearFit]
+    fits: dict[str, Fit]
     source: str
     citation: str = ""
     avg_shifts: list[str] = field(default_factory=list)
-    points: dict[str, dict[str, list | None]] = field(default_factory=dict)
+    points: dict[str, FitPoints] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_kind(self.transform)
@@ -120,12 +157,27 @@ class Baseline:
 
     def band(self, key: str, grid: ArrayLike, n_boot: int = 1000, level: float = 0.95,
              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Bootstrap band of fit ``key`` from the stored points (see ``bootstrap_band``)."""
+        """Bootstrap band of fit ``key`` from the stored points (see ``bootstrap_band``); for a piecewise
+        fit, each piece's band from its own models, on its own range of the grid."""
         pts = self.points.get(key)
         if not pts:
             raise KeyError(f"baseline {self.name!r} stores no model accuracies for {key!r}; no band can be computed")
-        return bootstrap_band(pts["x"], pts["y"], self.transform, grid, n_boot, level, seed,
-                              x_n=pts.get("x_n"), y_n=pts.get("y_n"))
+        fit = self.fits[key]
+        grid = np.asarray(grid, dtype=float)
+        if not isinstance(fit, PiecewiseFit):
+            return bootstrap_band(pts.x, pts.y, self.transform, grid, n_boot, level, seed, x_n=pts.x_n, y_n=pts.y_n)
+        lo, hi = np.full(grid.shape, np.nan), np.full(grid.shape, np.nan)
+        x = np.asarray(pts.x)
+        bounds = [-np.inf, *fit.pivots, np.inf]
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            on_grid = fit.piece_of(grid) == i
+            members = (x > a) & (x < b)
+            if on_grid.any():
+                pick = lambda v: None if v is None else list(np.asarray(v)[members])  # noqa: E731
+                lo[on_grid], hi[on_grid] = bootstrap_band(x[members], np.asarray(pts.y)[members], self.transform,
+                                                          grid[on_grid], n_boot, level, seed,
+                                                          x_n=pick(pts.x_n), y_n=pick(pts.y_n))
+        return lo, hi
 
     @classmethod
     def from_records(
@@ -156,8 +208,8 @@ class Baseline:
         shifts = list(dict.fromkeys(s for r in base for s in r.shifts if s in r.metrics and s != reference))
         avg_shifts = [s for s in shifts if all(s in r.metrics for r in base)]
 
-        fits: dict[str, LinearFit] = {}
-        points: dict[str, dict[str, list | None]] = {}
+        fits: dict[str, Fit] = {}
+        points: dict[str, FitPoints] = {}
         for key in [*shifts, SHIFT_AVG] if avg_shifts else shifts:
             rows = [r for r in base if shift_score(r, key, avg_shifts) is not None]
             if len(rows) < 3:
@@ -167,14 +219,12 @@ class Baseline:
             # a class-subset shift is fitted on reference accuracy on its classes where every model has it
             sub = subset_key(key)
             x_metric = sub if key != SHIFT_AVG and all(sub in r.metrics[reference] for r in rows) else ""
-            pts: dict[str, list | None] = {
-                "x": [reference_x(r, x_metric) for r in rows],
-                "y": [shift_score(r, key, avg_shifts) for r in rows],
-                "x_n": _optional_n([reference_count(r, x_metric) for r in rows]),
-                "y_n": _optional_n([_shift_n(r, key, avg_shifts) for r in rows]),
-            }
-            fits[key] = fit_linear(pts["x"], pts["y"], transform, x_n=pts["x_n"], y_n=pts["y_n"],
-                                   x_dataset=reference, y_dataset=key, x_metric=x_metric)
+            pts = FitPoints([reference_x(r, x_metric) for r in rows], [shift_score(r, key, avg_shifts) for r in rows],
+                            _optional_n([reference_count(r, x_metric) for r in rows]),
+                            _optional_n([_shift_n(r, key, avg_shifts) for r in rows]),
+                            [r.candidate for r in rows])
+            fits[key] = fit_linear(pts.x, pts.y, transform, x_n=pts.x_n, y_n=pts.y_n, x_dataset=reference,
+                                   y_dataset=key, x_metric=x_metric)
             points[key] = pts
         if not fits:
             raise ValueError(f"baseline {name!r}: no shift has 3 or more baseline models; nothing to fit")
@@ -186,7 +236,8 @@ class Baseline:
             "format": BASELINE_FORMAT, "schema_version": BASELINE_SCHEMA_VERSION,
             "name": self.name, "suite": self.suite, "transform": self.transform,
             "source": self.source, "citation": self.citation, "avg_shifts": list(self.avg_shifts),
-            "fits": {k: f.to_dict() for k, f in self.fits.items()}, "points": self.points,
+            "fits": {k: f.to_dict() for k, f in self.fits.items()},
+            "points": {k: p.to_dict() for k, p in self.points.items()},
         }
 
     def to_json(self) -> str:
@@ -204,11 +255,28 @@ class Baseline:
             raise ValueError(f"{source}: baseline schema_version {data.get('schema_version')!r} is not "
                              f"supported (expected {BASELINE_SCHEMA_VERSION})")
         try:
-            fits = {k: LinearFit.from_dict(v) for k, v in data["fits"].items()}
-            return cls(data["name"], data["suite"], data["transform"], fits, data.get("source", ""),
-                       data.get("citation", ""), list(data.get("avg_shifts", [])), dict(data.get("points", {})))
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{source}: malformed baseline ({exc!r})") from exc
+            for key in ("name", "suite", "transform"):
+                if not isinstance(data.get(key), str):
+                    raise ValueError(f"field {key!r} must be a string")
+            if not isinstance(data.get("fits"), dict) or not isinstance(data.get("points", {}), dict):
+                raise ValueError("'fits' and 'points' must be objects keyed by shift")
+            if not isinstance(data.get("avg_shifts", []), list):
+                raise ValueError("'avg_shifts' must be a list of shift names")
+            fits, points = {}, {}
+            for key, value in data["fits"].items():
+                try:
+                    fits[key] = fit_from_dict(value)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"fit {key!r}: {exc}") from None
+            for key, value in data.get("points", {}).items():
+                try:
+                    points[key] = FitPoints.from_dict(value)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"points {key!r}: {exc}") from None
+            return cls(data["name"], data["suite"], data["transform"], fits, str(data.get("source", "")),
+                       str(data.get("citation", "")), list(data.get("avg_shifts", [])), points)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: not a valid baseline file ({exc})") from None
 
     def save(self, path: Path) -> Path:
         atomic_write_text(Path(path), self.to_json())

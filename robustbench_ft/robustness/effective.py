@@ -13,10 +13,10 @@ if TYPE_CHECKING:
     from robustbench_ft.results import ResultRecord
 from robustbench_ft.robustness.axes import as_accuracy
 from robustbench_ft.robustness.baseline import SHIFT_AVG, Baseline, fit_x, reference_count, shift_score
-from robustbench_ft.robustness.fits import LinearFit
+from robustbench_ft.robustness.fits import Fit
 
 
-def effective_robustness(fit: LinearFit, acc_ref: float, acc_shift: float, *,
+def effective_robustness(fit: Fit, acc_ref: float, acc_shift: float, *,
                          n_ref: float | None = None) -> float:
     """ρ = acc_shift − β(acc_ref), in fraction units (0.05 = 5 percentage points above the trend)."""
     shift = float(as_accuracy(acc_shift, "shift accuracy"))

@@ -1,15 +1,18 @@
-"""Trend lines in transformed accuracy space: least-squares fits and their bootstrap bands.
+"""Trend lines in transformed accuracy space: least-squares fits, piecewise fits, and their bootstrap bands.
+
+A baseline trend is whatever the testbed fits: one line (:class:`LinearFit`) or lines on consecutive
+ranges of x (:class:`PiecewiseFit`, imagenet-testbed's ImageNet-A trend). Both predict, serialise and
+are checked the same way, so effective robustness, the report's curve and its band take either.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Union
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-if TYPE_CHECKING:
-    pass
 from robustbench_ft.robustness.axes import as_accuracy, check_kind, inverse_transform, to_axis, transform
 
 
@@ -40,9 +43,118 @@ class LinearFit:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LinearFit":
-        fit = cls(**data)
+        """A fit read from a file, every field checked (a NaN slope would make every ER NaN)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a linear fit is an object, got {type(data).__name__}")
+        data = {k: v for k, v in data.items() if k != "kind"}
+        unknown = sorted(set(data) - {f for f in cls.__dataclass_fields__})
+        missing = sorted({"slope", "intercept", "r", "n"} - set(data))
+        if unknown or missing:
+            raise ValueError(f"a linear fit needs slope, intercept, r and n (and optionally transform, x_dataset, "
+                             f"y_dataset, x_metric); unknown {unknown}, missing {missing}")
+        for key in ("slope", "intercept", "r"):
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"fit field {key!r} must be a finite number, got {str(value)[:40]}")
+        if not -1.0 <= data["r"] <= 1.0:
+            raise ValueError(f"fit field 'r' must be a correlation in [-1, 1], got {data['r']}")
+        if isinstance(data["n"], bool) or not isinstance(data["n"], int) or data["n"] < 2:
+            raise ValueError(f"fit field 'n' must be a whole number >= 2 (models fitted), got {str(data['n'])[:40]}")
+        for key in ("transform", "x_dataset", "y_dataset", "x_metric"):
+            if key in data and not isinstance(data[key], str):
+                raise ValueError(f"fit field {key!r} must be a string, got {type(data[key]).__name__}")
+        fit = cls(**{**data, "slope": float(data["slope"]), "intercept": float(data["intercept"]),
+                     "r": float(data["r"])})
         check_kind(fit.transform)
         return fit
+
+
+@dataclass(frozen=True)
+class PiecewiseFit:
+    """Lines on consecutive ranges of reference accuracy: piece ``i`` covers ``pivots[i-1] <= x < pivots[i]``.
+
+    Each piece is fitted by least squares on its own models, as imagenet-testbed fits ImageNet-A
+    (``plotting/paper_imagenet_a.py``: two ``linregress`` fits in logit space, split at 91.86 %
+    ImageNet accuracy on the 200 classes, a model exactly at the pivot in neither). Nothing joins the
+    pieces: where the testbed's lines do not meet at the pivot, neither do these, and a prediction at
+    the pivot itself uses the upper piece.
+    """
+
+    pivots: tuple[float, ...]
+    pieces: tuple[LinearFit, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.pieces) != len(self.pivots) + 1 or not self.pivots:
+            raise ValueError(f"a piecewise fit needs one more piece than pivots, got {len(self.pieces)} pieces and "
+                             f"{len(self.pivots)} pivots")
+        if list(self.pivots) != sorted(self.pivots) or not all(0.0 < p < 1.0 for p in self.pivots):
+            raise ValueError(f"pivots must be ascending accuracies in (0, 1), got {list(self.pivots)}")
+        first = self.pieces[0]
+        if any((f.transform, f.x_dataset, f.y_dataset, f.x_metric) != (first.transform, first.x_dataset,
+                                                                       first.y_dataset, first.x_metric)
+               for f in self.pieces):
+            raise ValueError("the pieces of a piecewise fit must share transform, datasets and x metric")
+
+    transform = property(lambda self: self.pieces[0].transform)
+    x_dataset = property(lambda self: self.pieces[0].x_dataset)
+    y_dataset = property(lambda self: self.pieces[0].y_dataset)
+    x_metric = property(lambda self: self.pieces[0].x_metric)
+
+    @property
+    def n(self) -> int:
+        return sum(f.n for f in self.pieces)
+
+    @property
+    def r(self) -> float:
+        """The pieces' correlations weighted by their model counts (a summary for legends)."""
+        return float(sum(f.r * f.n for f in self.pieces) / self.n)
+
+    def piece_of(self, acc_ref: ArrayLike) -> np.ndarray:
+        """Index of the piece each reference accuracy falls in."""
+        return np.searchsorted(np.asarray(self.pivots), np.asarray(acc_ref, dtype=float), side="right")
+
+    def predict(self, acc_ref: ArrayLike, *, n: ArrayLike | None = None) -> float | np.ndarray:
+        acc = np.asarray(acc_ref, dtype=float)
+        which = self.piece_of(acc)
+        out = np.zeros(acc.shape)
+        for i, piece in enumerate(self.pieces):
+            mask = which == i
+            if mask.any():
+                out[mask] = piece.predict(acc[mask], n=None if n is None else np.broadcast_to(n, acc.shape)[mask])
+        return float(out) if out.ndim == 0 else out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "piecewise", "pivots": list(self.pivots), "pieces": [p.to_dict() for p in self.pieces]}
+
+
+Fit = Union[LinearFit, PiecewiseFit]
+
+
+def fit_from_dict(data: Any) -> Fit:
+    """A :class:`LinearFit` or :class:`PiecewiseFit` from its ``to_dict`` form, checked."""
+    if isinstance(data, dict) and data.get("kind") == "piecewise":
+        pivots, pieces = data.get("pivots"), data.get("pieces")
+        if not isinstance(pivots, list) or not isinstance(pieces, list) or not all(
+                isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) for p in pivots):
+            raise ValueError("a piecewise fit needs 'pivots' (finite numbers) and 'pieces' (linear fits)")
+        return PiecewiseFit(tuple(float(p) for p in pivots), tuple(LinearFit.from_dict(p) for p in pieces))
+    return LinearFit.from_dict(data)
+
+
+def fit_piecewise(x_acc: ArrayLike, y_acc: ArrayLike, transform: str, pivots: tuple[float, ...], *,
+                  x_n: ArrayLike | None = None, y_n: ArrayLike | None = None, x_dataset: str = "",
+                  y_dataset: str = "", x_metric: str = "") -> PiecewiseFit:
+    """One least-squares line per range between ``pivots`` (points exactly at a pivot join no piece)."""
+    x = np.asarray(x_acc, dtype=float)
+    y = np.asarray(y_acc, dtype=float)
+    bounds = [-np.inf, *pivots, np.inf]
+    pieces = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        mask = (x > lo) & (x < hi)
+        sub = lambda v: None if v is None else np.asarray(v, dtype=float)[mask]  # noqa: E731
+        pieces.append(fit_linear(x[mask], y[mask], transform, x_n=sub(x_n), y_n=sub(y_n), x_dataset=x_dataset,
+                                 y_dataset=y_dataset, x_metric=x_metric))
+    return PiecewiseFit(tuple(float(p) for p in pivots), tuple(pieces))
 
 
 def _paired_accuracies(x_acc: ArrayLike, y_acc: ArrayLike) -> tuple[np.ndarray, np.ndarray]:

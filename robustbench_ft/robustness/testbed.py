@@ -12,8 +12,10 @@ re-trained ``aws`` / ``batch64`` / class-``subsample`` variants, and only models
 as the plots show (55 % on the x column, 75 % for the 200-class ImageNet-R and ImageNet-A subsets);
 a shift that covers only some ImageNet classes is fitted against ImageNet accuracy on those classes
 (``val-on-imagenet-r-classes``), and the shift average against full ImageNet accuracy, as the
-WiSE-FT paper plots it. One difference: the testbed fits ImageNet-A piecewise (two lines, split at
-91.86 % subset accuracy); here every shift gets one line, as effective robustness needs.
+WiSE-FT paper plots it. ImageNet-A is fitted as the testbed's ``plotting/paper_imagenet_a.py`` does:
+two independent least-squares lines in logit space, split at 91.86 % ImageNet accuracy on its 200
+classes (ResNet-50's, which sits exactly there), ``resnet50`` left out by name (ImageNet-A was
+filtered against it, so it scores 0 % by construction). The pieces do not meet at the pivot.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from typing import Iterable
 import numpy as np
 
 from robustbench_ft.metrics import subset_key
-from robustbench_ft.robustness.baseline import SHIFT_AVG, Baseline
-from robustbench_ft.robustness.fits import fit_linear
+from robustbench_ft.robustness.baseline import SHIFT_AVG, Baseline, FitPoints
+from robustbench_ft.robustness.fits import PiecewiseFit, fit_linear, fit_piecewise
 
 SUITE = "imagenet"
 REFERENCE = "imagenet"
@@ -48,6 +50,8 @@ class ShiftColumns:
     x: str                      # the reference accuracy it is plotted against
     min_x: float                # least x (fraction) of a model in the fit, as in the testbed's plots
     subset: bool = False        # x is ImageNet accuracy on the shift's classes only
+    pivots: tuple[float, ...] = ()       # x values (fractions) where the trend changes line (a piecewise fit)
+    excluded: tuple[str, ...] = ()       # models the testbed's plot of this shift leaves out by name
 
 
 TESTBED_SHIFTS: dict[str, ShiftColumns] = {
@@ -55,7 +59,9 @@ TESTBED_SHIFTS: dict[str, ShiftColumns] = {
     "imagenet-r": ShiftColumns("imagenet-r", "val-on-imagenet-r-classes", 0.75, subset=True),
     "imagenet-sketch": ShiftColumns("imagenet-sketch", "val", 0.55),
     "objectnet": ShiftColumns("objectnet-1.0-beta", "val-on-objectnet-classes", 0.55, subset=True),
-    "imagenet-a": ShiftColumns("imagenet-a", "val-on-imagenet-a-classes", 0.75, subset=True),
+    # plotting/paper_imagenet_a.py @ 0170eec: pivot 91.86 (percent) on val-on-imagenet-a-classes, resnet50 excluded
+    "imagenet-a": ShiftColumns("imagenet-a", "val-on-imagenet-a-classes", 0.75, subset=True, pivots=(0.9186,),
+                               excluded=("resnet50",)),
 }
 AVG_MIN_X = 0.55
 
@@ -129,13 +135,14 @@ def fit_testbed_baseline(
                          f"is this the imagenet-testbed table (or pass the right model list)?")
     fits, points, avg_shifts = {}, {}, []
     for shift, cols in TESTBED_SHIFTS.items():
-        rows = sorted(m for m in chosen if cols.x in table[m] and cols.y in table[m] and table[m][cols.x] >= cols.min_x)
+        rows = sorted(m for m in chosen if cols.x in table[m] and cols.y in table[m] and table[m][cols.x] >= cols.min_x
+                      and m.lower() not in cols.excluded)
         if len(rows) < 3:
             continue
-        pts = {"x": [table[m][cols.x] for m in rows], "y": [table[m][cols.y] for m in rows],
-               "x_n": None, "y_n": None, "models": rows}
-        fits[shift] = fit_linear(pts["x"], pts["y"], transform, x_dataset=REFERENCE, y_dataset=shift,
-                                 x_metric=subset_key(shift) if cols.subset else "")
+        pts = FitPoints([table[m][cols.x] for m in rows], [table[m][cols.y] for m in rows], models=rows)
+        kw = dict(x_dataset=REFERENCE, y_dataset=shift, x_metric=subset_key(shift) if cols.subset else "")
+        fits[shift] = (fit_piecewise(pts.x, pts.y, transform, cols.pivots, **kw) if cols.pivots
+                       else fit_linear(pts.x, pts.y, transform, **kw))
         points[shift] = pts
         avg_shifts.append(shift)
     if not fits:
@@ -146,10 +153,9 @@ def fit_testbed_baseline(
         rows = sorted(m for m in chosen if table[m].get(REFERENCE_COLUMN, 0.0) >= AVG_MIN_X
                       and all(c in table[m] for c in ys))
         if len(rows) >= 3:
-            pts = {"x": [table[m][REFERENCE_COLUMN] for m in rows],
-                   "y": [float(np.mean([table[m][c] for c in ys])) for m in rows],
-                   "x_n": None, "y_n": None, "models": rows}
-            fits[SHIFT_AVG] = fit_linear(pts["x"], pts["y"], transform, x_dataset=REFERENCE, y_dataset=SHIFT_AVG)
+            pts = FitPoints([table[m][REFERENCE_COLUMN] for m in rows],
+                            [float(np.mean([table[m][c] for c in ys])) for m in rows], models=rows)
+            fits[SHIFT_AVG] = fit_linear(pts.x, pts.y, transform, x_dataset=REFERENCE, y_dataset=SHIFT_AVG)
             points[SHIFT_AVG] = pts
     source = (f"{Path(csv_path).name}: {len(chosen)} standard-training models of the ImageNet testbed "
               f"(x = ImageNet accuracy on the shift's classes for {', '.join(s for s, c in TESTBED_SHIFTS.items() if c.subset)})")
@@ -157,7 +163,16 @@ def fit_testbed_baseline(
                     avg_shifts if SHIFT_AVG in fits else [], points)
 
 
-def coefficients(baseline: Baseline) -> dict[str, dict[str, float | int | str]]:
-    """The fits as plain numbers (what ``baseline fit`` prints)."""
-    return {key: {"slope": f.slope, "intercept": f.intercept, "r": f.r, "n": f.n, "x": f.x_metric or "top1",
-                  "transform": f.transform} for key, f in baseline.fits.items()}
+def coefficients(baseline: Baseline) -> dict[str, dict]:
+    """The fits as plain numbers (what ``baseline fit`` prints); a piecewise fit lists its pieces."""
+    def line(f) -> dict:
+        return {"slope": f.slope, "intercept": f.intercept, "r": f.r, "n": f.n, "x": f.x_metric or "top1",
+                "transform": f.transform}
+
+    out = {}
+    for key, fit in baseline.fits.items():
+        if isinstance(fit, PiecewiseFit):
+            out[key] = {"pivots": list(fit.pivots), "pieces": [line(p) for p in fit.pieces]}
+        else:
+            out[key] = line(fit)
+    return out

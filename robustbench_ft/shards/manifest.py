@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from robustbench_ft.util import atomic_write_text
+
 FORMAT = "robustbench-ft-shards"
 VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -123,13 +125,7 @@ class Manifest:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``manifest.json`` atomically (tmp file, fsync, rename): readers see all of it or none."""
         path = Path(directory) / MANIFEST_FILE
-        tmp = path.with_name(MANIFEST_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
         return path
 
     def content_hash(self) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -26,12 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from robustbench_ft.demo.digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, load_mnist
 from robustbench_ft.demo.fonts import PRETRAIN_FONTS, font_paths
 from robustbench_ft.demo.render import COLOURS, make_caption, sample_colours, sample_rendering
 from robustbench_ft.models import load_clip, zeroshot_weights
+from robustbench_ft.util import atomic_write_bytes, atomic_write_text
 
 _COLOUR_NAMES = tuple(COLOURS)
 _COLOUR_TABLE = torch.tensor([COLOURS[c] for c in _COLOUR_NAMES], dtype=torch.float32) / 255.0
@@ -203,35 +203,10 @@ def _set_text_trainable(model: torch.nn.Module, trainable: bool) -> None:
             p.requires_grad_(trainable)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.chmod(tmp, 0o644)  # safetensors creates 0600 files; shipped weights must be world-readable
-    os.replace(tmp, path)
-
-
-def pretrain_demo(config: PretrainDemoConfig, out_path: Path, progress: bool = True) -> dict:
-    """Pretrain ``config.model`` contrastively on the rendered corpus; write ``<out>.safetensors`` + ``<out>.json``.
-
-    ``out_path`` may be given with or without the ``.safetensors`` suffix.  Returns the sidecar summary
-    (config, steps, wall time, zero-shot accuracies measured on MNIST test and two shifts of it).
-    """
-    start = time.time()
-    out_path = Path(out_path)
-    stem = out_path.with_suffix("") if out_path.suffix == ".safetensors" else out_path
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    loaded = load_clip(config.model, "random")
-    model, tokenizer = loaded.model, loaded.tokenizer
-    image_size = model.visual.image_size
-    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-
-    corpus = build_corpus(config, tokenizer)
-    if progress:
-        print(f"corpus: {len(corpus.labels)} images rendered in {time.time() - start:.0f}s", flush=True)
-
+def _train(model: torch.nn.Module, corpus: "Corpus", image_size: int, config: PretrainDemoConfig, start: float,
+           progress: bool) -> list[float]:
+    """The contrastive training loop (AdamW without decay on biases and embeddings, text tower frozen
+    for the first ``text_frozen_fraction`` of the steps); returns the loss of every step."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -263,12 +238,38 @@ def pretrain_demo(config: PretrainDemoConfig, out_path: Path, progress: bool = T
         if progress and (step + 1) % 100 == 0:
             print(f"step {step + 1}/{config.steps} loss {np.mean(losses[-100:]):.4f} "
                   f"scale {float(scale):.1f} {time.time() - start:.0f}s", flush=True)
+    return losses
+
+
+def pretrain_demo(config: PretrainDemoConfig, out_path: Path, progress: bool = True) -> dict:
+    """Pretrain ``config.model`` contrastively on the rendered corpus; write ``<out>.safetensors`` + ``<out>.json``.
+
+    ``out_path`` may be given with or without the ``.safetensors`` suffix.  Returns the sidecar summary
+    (config, steps, wall time, zero-shot accuracies measured on MNIST test and two shifts of it).
+    """
+    start = time.time()
+    out_path = Path(out_path)
+    stem = out_path.with_suffix("") if out_path.suffix == ".safetensors" else out_path
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    loaded = load_clip(config.model, "random")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+
+    corpus = build_corpus(config, tokenizer)
+    if progress:
+        print(f"corpus: {len(corpus.labels)} images rendered in {time.time() - start:.0f}s", flush=True)
+
+    losses = _train(model, corpus, image_size, config, start, progress)
     train_time = time.time() - start
     model.eval()
     accuracy = evaluate_demo(model, tokenizer, loaded.preprocess_eval, config.eval_images) if config.eval_images else {}
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     weights = stem.with_name(stem.name + ".safetensors")
-    _atomic_write(weights, lambda p: save_file(state, str(p), metadata={"model": config.model}))
+    atomic_write_bytes(weights, save(state, metadata={"model": config.model}))
     summary = {
         "model": config.model, "weights": weights.name, "seed": config.seed, "steps": config.steps,
         "config": asdict(config), "train_wall_time_s": round(train_time, 1),
@@ -277,7 +278,7 @@ def pretrain_demo(config: PretrainDemoConfig, out_path: Path, progress: bool = T
         "torch_version": torch.__version__,
     }
     sidecar = stem.with_name(stem.name + ".json")
-    _atomic_write(sidecar, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+    atomic_write_text(sidecar, json.dumps(summary, indent=2) + "\n")
     if progress:
         print(json.dumps(accuracy), flush=True)
     return summary
