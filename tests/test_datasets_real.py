@@ -524,3 +524,29 @@ def test_run_on_a_missing_or_interrupted_conversion_says_how_to_finish_it(tmp_pa
     (root / "rt-subset" / "test" / "manifest.json").unlink()  # as a killed conversion leaves it
     with pytest.raises(ShardError, match=r"no manifest.json .* rerun `robustbench-ft shard rt-subset --src RAW"):
         run(config, progress=False, log=lambda s: None)
+
+
+def test_fmow_prompts_are_the_references_own():
+    """wise-ft / FLYP's 16 FMoW templates: 14 with the raw category (underscores, "a" even before a vowel),
+    2 through append_proper_article (spaces, a/an)."""
+    from robustbench_ft.datasets.registry import get_dataset
+    from robustbench_ft.models.zeroshot import fill_template
+
+    spec = get_dataset("fmow")
+    assert len(spec.templates) == 16 and spec.classnames[1] == "airport_hangar"
+    prompts = [fill_template(t, "airport_hangar") for t in spec.templates]
+    assert prompts[:4] == ["satellite photo of a airport_hangar.", "aerial photo of a airport_hangar.",
+                           "satellite photo of an airport hangar.", "aerial photo of an airport hangar."]
+    assert prompts[-2:] == ["a photo of a airport_hangar.", "airport_hangar."]
+    assert fill_template("{article_name}", "barn") == "a barn"
+
+
+def test_wilds_suites_default_to_flyps_wilds_recipe():
+    from robustbench_ft import RunConfig
+    from robustbench_ft.methods.resolve import resolve
+
+    for suite in ("wilds-iwildcam", "wilds-fmow"):
+        for method in ("finetune", "flyp", "lp-ft", "l2-sp"):
+            opts = resolve(RunConfig(method=method, suite=suite)).options
+            assert (opts.epochs, opts.lr, opts.batch_size, opts.warmup_steps) == (20.0, 1e-5, 256, 500)
+            assert opts.weight_decay == (0.0 if method == "l2-sp" else 0.2)

@@ -207,7 +207,9 @@ def test_l2_sp_penalty_is_zero_at_init_and_ignores_the_head(clip):
 
 def test_l2_sp_with_zero_coefficient_is_plain_finetuning(run_dirs, clip):
     (ft,) = Finetune().run(context(run_dirs, clip, "finetune", TRAIN))
-    (l2,) = L2SP().run(context(run_dirs, clip, "l2-sp", {**TRAIN, "sp_alpha": 0.0}))
+    # with the same (decoupled) weight decay: L2-SP's own default is 0, since Ω replaces it
+    assert get_method("l2-sp").make_options({}).weight_decay == 0.0
+    (l2,) = L2SP().run(context(run_dirs, clip, "l2-sp", {**TRAIN, "sp_alpha": 0.0, "weight_decay": 0.1}))
     ft_state, l2_state = ft.classifier.state_dict(), l2.classifier.state_dict()
     assert all(torch.equal(ft_state[k], l2_state[k]) for k in ft_state)
     (pulled,) = L2SP().run(context(run_dirs, clip, "l2-sp", {**TRAIN, "sp_alpha": 100.0}))
@@ -217,6 +219,14 @@ def test_l2_sp_with_zero_coefficient_is_plain_finetuning(run_dirs, clip):
         return sum((v - zero[k]).pow(2).sum() for k, v in model.visual.state_dict().items())
 
     assert distance(pulled.classifier) < distance(ft.classifier)
+
+
+def test_l2_sp_head_penalty_pulls_the_head_towards_the_zero_shot_head(run_dirs, clip):
+    zs_head = context(run_dirs, clip, "l2-sp", TRAIN).zeroshot.head.weight.detach()
+    (free,) = L2SP().run(context(run_dirs, clip, "l2-sp", TRAIN))
+    (held,) = L2SP().run(context(run_dirs, clip, "l2-sp", {**TRAIN, "head_penalty": 100.0}))
+    moved = [(m.classifier.head.weight.detach() - zs_head).norm() for m in (free, held)]
+    assert moved[1] < moved[0]
 
 
 # --- Soups ------------------------------------------------------------------------------------
@@ -248,7 +258,8 @@ def test_soup_ingredients_differ_by_seed_and_grid(run_dirs, clip):
     assert info["soup_val_top1"] >= max(info["val_top1"])  # greedy never ends below its best ingredient
 
 
-def test_greedy_soup_adds_an_ingredient_only_if_held_out_accuracy_does_not_drop(clip):
+def test_greedy_soup_adds_an_ingredient_only_if_held_out_accuracy_strictly_improves(clip):
+    """model-soups' main.py adds an ingredient only on `>`; a tie leaves it out (issue 13)."""
     from robustbench_ft.models import Classifier
 
     base = Classifier.zeroshot(clip, ["a", "b"], ["{}"])
@@ -258,10 +269,10 @@ def test_greedy_soup_adds_an_ingredient_only_if_held_out_accuracy_does_not_drop(
         with torch.no_grad():
             m.head.bias.fill_(float(i))
         models.append(m)
-    trials = iter([0.90, 0.70, 0.90])  # soups {1,3}: kept (equal), {1,3,2}: dropped, {1,3,0}: kept
+    trials = iter([0.90, 0.70, 0.95])  # soups {1,3}: a tie, left out; {1,2}: worse, left out; {1,0}: better, kept
     soup, chosen, score = greedy_soup(models, lambda m: next(trials), [0.5, 0.9, 0.6, 0.8])
-    assert chosen == [1, 3, 0] and score == 0.90
-    torch.testing.assert_close(soup.head.bias, torch.full((2,), (1 + 3 + 0) / 3))
+    assert chosen == [1, 0] and score == 0.95
+    torch.testing.assert_close(soup.head.bias, torch.full((2,), (1 + 0) / 2))
 
 
 def test_greedy_soup_needs_a_val_split(run_dirs, clip):

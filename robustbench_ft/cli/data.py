@@ -17,6 +17,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{m.name:12s} {m.summary}")
             if m.paper:
                 print(f"{'':12s} paper: {m.paper}")
+            if m.defaults:
+                print(f"{'':12s} defaults: {m.defaults}")
             for f in dataclasses.fields(m.options):
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
                 print(f"{'':12s}   {flag(f.name)} (default: {default})")
@@ -41,6 +43,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                                                                    for state, splits in status.items()))
             for m, d in s.method_defaults.items():
                 print(f"    defaults for {m}: {d}")
+            if s.defaults_source:
+                print(f"    defaults from: {s.defaults_source}")
     else:
         from robustbench_ft.models.clip import list_models, pretrained_tags
 

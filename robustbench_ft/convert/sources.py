@@ -10,17 +10,13 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from robustbench_ft.shards.manifest import (
     IMAGE_FORMATS,
 )
-
-if TYPE_CHECKING:
-    pass
-
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 SHUFFLE_SEED = 0

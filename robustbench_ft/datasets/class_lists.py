@@ -4,11 +4,6 @@ source in ``class_lists/README.md``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
-
 
 CLASS_LISTS = Path(__file__).parent / "class_lists"
 """Class lists, subsets, mappings and prompt templates: facts of the datasets, each file naming its source."""

@@ -7,10 +7,7 @@ The built-in families register themselves when :mod:`robustbench_ft.datasets` is
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    pass
 from robustbench_ft.datasets.spec import DatasetSpec, Suite
 from robustbench_ft.util import unknown_name_error
 

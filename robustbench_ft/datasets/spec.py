@@ -160,6 +160,7 @@ class Suite:
     # Per-method option defaults suited to this suite's scale (e.g. fewer epochs on a small dataset);
     # explicit flags and config keys override them. Shown by `robustbench-ft list suites`.
     method_defaults: dict[str, dict] = field(default_factory=dict, compare=False)
+    defaults_source: str = ""      # where the method_defaults come from (a paper's recipe, a scaling rule)
 
     @property
     def eval_datasets(self) -> tuple[str, ...]:

@@ -48,7 +48,8 @@ IWILDCAM_CLASSNAMES: tuple[str, ...] = tuple(row[3].lower() for row in IWILDCAM_
 # English names repeat (two "lowland paca" categories...): shards name classes by iWildCam category_id.
 IWILDCAM_CATEGORY_IDS: tuple[str, ...] = tuple(row[1] for row in IWILDCAM_CLASSES)
 FMOW_CATEGORIES: tuple[str, ...] = load_list("fmow_categories.txt")
-FMOW_CLASSNAMES: tuple[str, ...] = tuple(c.replace("_", " ") for c in FMOW_CATEGORIES)
+# The raw categories are the class names: wise-ft and FLYP prompt with them, underscores kept (see fmow.templates.txt).
+FMOW_CLASSNAMES: tuple[str, ...] = FMOW_CATEGORIES
 
 # our split -> WILDS split, per dataset
 _ID_SPLITS = {"train": "train", "val": "id_val", "test": "id_test"}
@@ -158,7 +159,7 @@ def convert_fmow(src: Path, out: Path, split: str, options: ConvertOptions, *, d
 _IWILDCAM = {"classnames": IWILDCAM_CLASSNAMES, "class_ids": IWILDCAM_CATEGORY_IDS, "templates": load_list("iwildcam.templates.txt"),
              "metric": "macro_f1",
              "source": "Beery et al. 2021, iWildCam 2020 (WILDS v2.0: Koh et al. 2021, github.com/p-lambda/wilds)"}
-_FMOW = {"classnames": FMOW_CLASSNAMES, "class_ids": FMOW_CATEGORIES, "templates": load_list("fmow.templates.txt"),
+_FMOW = {"classnames": FMOW_CLASSNAMES, "templates": load_list("fmow.templates.txt"),
          "source": "Christie et al. 2018, Functional Map of the World "
                    "(WILDS v1.1: Koh et al. 2021, github.com/p-lambda/wilds)"}
 
@@ -184,13 +185,24 @@ FMOW_OOD = register_dataset(DatasetSpec(
     converter=partial(convert_fmow, dataset="fmow-ood"),
 ))
 
+# FLYP's README (locuslab/FLYP @ 215d5bb) trains iWildCam and FMoW with --epochs=20 --lr=1e-5 --wd=0.2
+# --batch-size=256 (warmup: src/args.py's default, 500 steps). It gives only FLYP's own command; the same
+# schedule is used for the baselines it compares with (an assumption the README neither makes nor refutes).
+_WILDS_RECIPE = {"epochs": 20.0, "lr": 1e-5, "weight_decay": 0.2, "batch_size": 256, "warmup_steps": 500}
+_WILDS_DEFAULTS = {"finetune": _WILDS_RECIPE, "flyp": _WILDS_RECIPE, "lp-ft": _WILDS_RECIPE,
+                   "l2-sp": {**_WILDS_RECIPE, "weight_decay": 0.0}}  # L2-SP replaces weight decay
+_WILDS_SOURCE = ("FLYP README (locuslab/FLYP @ 215d5bb) iWildCam/FMoW command: 20 epochs, lr 1e-5, wd 0.2, "
+                 "batch 256, 500 warmup steps; applied to every fine-tuning method (L2-SP: wd 0)")
+
 register_suite(Suite(
     name="wilds-iwildcam", reference="iwildcam", shifts=("iwildcam-ood",), train=("iwildcam", "train"),
     val=("iwildcam", "val"),
     description="WILDS iWildCam: ID test vs. unseen camera locations (OOD test), macro-F1 as WILDS reports it.",
+    method_defaults=_WILDS_DEFAULTS, defaults_source=_WILDS_SOURCE,
 ))
 register_suite(Suite(
     name="wilds-fmow", reference="fmow", shifts=("fmow-ood",), train=("fmow", "train"), val=("fmow", "val"),
     description="WILDS FMoW: ID test (accuracy, worst-region accuracy) vs. images from 2016 on "
                 "(worst-region accuracy).",
+    method_defaults=_WILDS_DEFAULTS, defaults_source=_WILDS_SOURCE,
 ))

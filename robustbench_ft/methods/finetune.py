@@ -133,7 +133,9 @@ def finetune_classifier(ctx: MethodContext, start: Classifier, opts: FinetuneOpt
 
 
 @register_method("finetune", paper="Wortsman et al., Robust fine-tuning of zero-shot models, CVPR 2022 "
-                 "(standard end-to-end fine-tuning baseline)")
+                 "(standard end-to-end fine-tuning baseline)",
+                 defaults="WiSE-FT paper App. D.2 (ImageNet, ViT-B/16): AdamW, lr 3e-5, wd 0.1, batch 512, 10 epochs, "
+                          "500 warmup steps + cosine, gradient clipping 1.0")
 class Finetune:
     """End-to-end fine-tuning (cross-entropy, zero-shot head init)."""
 

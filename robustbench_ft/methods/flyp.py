@@ -34,6 +34,7 @@ from robustbench_ft.methods.finetune import ScheduleOptions, run_training
 from robustbench_ft.methods.registry import register_method
 from robustbench_ft.methods.training import Batch, Step
 from robustbench_ft.models.classifier import Classifier
+from robustbench_ft.models.zeroshot import fill_template
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class CaptionedContrastiveLoss:
     """
 
     def __init__(self, tokenizer, classnames: list[str], templates: list[str]):
-        texts = [template.format(name) for template in templates for name in classnames]
+        texts = [fill_template(template, name) for template in templates for name in classnames]
         self.tokens = tokenizer(texts).view(len(templates), len(classnames), -1)
 
     def captions(self, labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
@@ -125,7 +126,9 @@ def flyp_classifier(ctx: MethodContext, opts: FlypOptions) -> Classifier:
 
 
 @register_method("flyp", paper="Goyal et al., Finetune like you pretrain: Improved finetuning of zero-shot vision "
-                 "models, CVPR 2023")
+                 "models, CVPR 2023",
+                 defaults="FLYP README ImageNet command (locuslab/FLYP @ 215d5bb): lr 1e-5, wd 0.1, batch 512, 10 epochs, "
+                          "500 warmup steps (src/args.py), no gradient clipping")
 class Flyp:
     """Contrastive fine-tuning of both towers on template captions; head rebuilt from the fine-tuned text tower."""
 

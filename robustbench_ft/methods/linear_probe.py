@@ -187,7 +187,8 @@ def linear_probe(ctx: MethodContext, opts: LinearProbeOptions) -> Classifier:
 
 
 @register_method("linear-probe", paper="Radford et al., Learning Transferable Visual Models From Natural Language "
-                 "Supervision, ICML 2021 (App. A.3: L-BFGS logistic regression, C swept on held-out data)")
+                 "Supervision, ICML 2021 (App. A.3: L-BFGS logistic regression, C swept on held-out data)",
+                 defaults="CLIP paper App. A.3: 96 log-spaced C in [1e-6, 1e6], L-BFGS up to 1,000 iterations")
 class LinearProbe:
     """Logistic regression on frozen, cached image features; C chosen on held-out training data."""
 

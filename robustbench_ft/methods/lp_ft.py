@@ -36,7 +36,9 @@ class LPFTOptions(FinetuneOptions, LinearProbeOptions):
 
 
 @register_method("lp-ft", paper="Kumar et al., Fine-Tuning can Distort Pretrained Features and Underperform "
-                 "Out-of-Distribution, ICLR 2022")
+                 "Out-of-Distribution, ICLR 2022",
+                 defaults="linear-probe's (CLIP paper App. A.3), then finetune's recipe with lr 1e-5 (the probed head "
+                          "needs a smaller rate; Kumar et al. tune it separately)")
 class LPFT:
     """Linear probe, then end-to-end fine-tuning from the probe's head."""
 

@@ -32,6 +32,7 @@ class MethodSpec:
     options: type
     summary: str
     paper: str
+    defaults: str = ""  # where the option defaults come from (shown by `robustbench-ft list methods`)
 
     def make_options(self, values: dict[str, Any]) -> Any:
         """Build the options dataclass from config values, each checked against its declared type
@@ -43,14 +44,14 @@ _METHODS: dict[str, MethodSpec] = {}
 _PLUGINS_LOADED = False
 
 
-def register_method(name: str, *, summary: str = "", paper: str = "") -> Callable[[type], type]:
+def register_method(name: str, *, summary: str = "", paper: str = "", defaults: str = "") -> Callable[[type], type]:
     def decorator(cls: type) -> type:
         if not dataclasses.is_dataclass(getattr(cls, "options", None)):
             raise TypeError(f"method {name!r}: `options` must be a dataclass (use an empty one if there are none)")
         if name in _METHODS and _METHODS[name].cls is not cls:
             raise ValueError(f"method {name!r} is already registered by {_METHODS[name].cls.__module__}")
         doc = (cls.__doc__ or "").strip().splitlines()
-        _METHODS[name] = MethodSpec(name, cls, cls.options, summary or (doc[0] if doc else ""), paper)
+        _METHODS[name] = MethodSpec(name, cls, cls.options, summary or (doc[0] if doc else ""), paper, defaults)
         return cls
 
     return decorator

@@ -5,7 +5,9 @@ Several fine-tuned runs from the same start (ingredients: one per seed × hyper-
 combination, each produced by ``--base`` and cached like any fine-tuned endpoint) are averaged in
 weight space. ``uniform`` averages all of them. ``greedy`` (the paper's Recipe 1) sorts the
 ingredients by accuracy on held-out *training* data (the suite's val split) and adds each one, best
-first, if the soup's held-out accuracy does not drop (≥). Test and shift data are never used.
+first, if the soup's held-out accuracy strictly improves (model-soups' ``main.py`` @ d5398f1:
+``if held_out_val_accuracy > best_val_acc_so_far``; a tie leaves the ingredient out). Test and shift
+data are never used.
 
 The paper's ImageNet soups used 72 ingredients from a random hyper-parameter search (learning
 rate, weight decay, epochs, label smoothing, augmentation) starting from a linear-probe head; here
@@ -60,7 +62,7 @@ class SoupOptions:
 
 def greedy_soup(ingredients: Sequence[Classifier], score: Callable[[Classifier], float],
                 scores: Sequence[float]) -> tuple[Classifier, list[int], float]:
-    """Recipe 1 of the paper: best ingredient first; add the next best if the soup's score does not drop.
+    """Recipe 1 of the paper: best ingredient first; add the next best if the soup's score strictly improves.
 
     ``scores[i]`` is ingredient i's held-out score; ``score`` scores a candidate soup. Returns the
     soup, the indices of its ingredients (in the order added) and its score.
@@ -71,13 +73,14 @@ def greedy_soup(ingredients: Sequence[Classifier], score: Callable[[Classifier],
     for i in order[1:]:
         trial = average([ingredients[j] for j in chosen + [i]], [1.0 / (len(chosen) + 1)] * (len(chosen) + 1))
         trial_score = score(trial)
-        if trial_score >= best:
+        if trial_score > best:
             chosen, best, soup = chosen + [i], trial_score, trial
     return soup, chosen, best
 
 
 @register_method("soup", paper="Wortsman et al., Model soups: averaging weights of multiple fine-tuned models "
-                 "improves accuracy without increasing inference time, ICML 2022")
+                 "improves accuracy without increasing inference time, ICML 2022",
+                 defaults="greedy (Recipe 1, strict improvement as model-soups' main.py @ d5398f1), 5 seeds of the base")
 class Soup:
     """Weight average of several fine-tuned runs (seeds × hyper-parameters): uniform, or greedy on held-out data."""
 

@@ -10,15 +10,9 @@ have 10 000 or more). Interior accuracies are never changed.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy import special
-
-if TYPE_CHECKING:
-    pass
-
 
 TRANSFORMS = frozenset({"linear", "logit", "probit"})
 DEFAULT_EPS = 1e-4
