@@ -29,7 +29,7 @@ RUN_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+=-]{{0,{MAX_RUN_NAME - 1}}}")
 # decode too: its paths agree within one grey level (docs/performance.md); draft_factor does not, so it counts.
 NOT_HASHED = frozenset({"data_root", "cache_dir", "results_dir", "reports_dir", "eval_batch_size", "workers",
                         "device", "run_name", "report", "trust_pickle", "on_bad_sample", "checkpoint_every",
-                        "decode", "compile", "overwrite", "method_options"})
+                        "decode", "compile", "overwrite", "method_options", "seeds"})
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class RunConfig:
     compile: bool = False          # torch.compile the evaluated models
 
     overwrite: bool = False        # a --run-name already used by another config: replace its records
+    seeds: tuple[int, ...] | None = None  # run once per seed (each its own training); None: just `seed`
 
     def __post_init__(self) -> None:
         check_fields(self)  # every source (TOML, Python, CLI) is held to the declared types
@@ -69,6 +70,8 @@ class RunConfig:
             raise ValueError(f"checkpoint_every must be >= 0 (0 = never), got {self.checkpoint_every}")
         if self.draft_factor is not None and self.draft_factor < 1:
             raise ValueError(f"draft_factor must be >= 1 (or unset), got {self.draft_factor}")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ConfigError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
         if self.run_name is not None and not RUN_NAME.fullmatch(self.run_name):
             raise ConfigError(f"run_name {self.run_name[:80]!r} must be one folder name of 1-{MAX_RUN_NAME} letters, "
                               "digits and . _ + = - (starting with a letter or digit), not a path: it names "

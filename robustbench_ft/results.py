@@ -22,7 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterable, Literal, get_args
 
-from robustbench_ft.util import DuplicateKeyError, atomic_write_text, unique_keys
+from robustbench_ft.util import DuplicateKeyError, atomic_write_text, stable_hash, unique_keys
 
 SCHEMA_VERSION = 4
 SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3, 4)
@@ -31,6 +31,10 @@ RECORD_KINDS = ("reproduced", "published", "baseline", "submitted")
 
 Endpoint = Literal["zeroshot", "finetuned"]
 ENDPOINTS: tuple[str, ...] = get_args(Endpoint)
+Choice = Literal["fixed", "val", "oracle"]
+CHOICES: tuple[str, ...] = get_args(Choice)
+"""How a candidate's hyper-parameter (α) was chosen: fixed before any result, on the val split, or one of a
+sweep whose best row would be chosen on test data (an oracle: unranked on the leaderboard)."""
 
 
 @dataclass(frozen=True)
@@ -38,14 +42,15 @@ class Placement:
     """Where a candidate sits in a report: its α on an interpolation curve, the curve (points of one curve
     are joined in α order), which end of the curve it is, and the method behind the fine-tuned end.
 
-    Stored in a record's ``tags`` under these names (``{"alpha": 0.5, "curve": "wise-ft/finetune"}``); this
-    class is the one place that knows them.
+    ``choice`` says how the candidate's α was chosen (:data:`CHOICES`). Stored in a record's ``tags`` under
+    these names (``{"alpha": 0.5, "curve": "wise-ft/finetune"}``); this class is the one place that knows them.
     """
 
     alpha: float | None = None
     curve: str | None = None
     endpoint: str | None = None
     base: str | None = None
+    choice: str | None = None
 
     def tags(self) -> dict[str, Any]:
         return {k: (float(v) if k == "alpha" else v) for k, v in asdict(self).items() if v is not None}
@@ -54,7 +59,8 @@ class Placement:
     def from_tags(cls, tags: dict[str, Any]) -> "Placement":
         """The placement a record's tags give (values of the wrong type, from a hand-made file, count as unset)."""
         alpha = tags.get("alpha")
-        texts = {k: tags.get(k) if isinstance(tags.get(k), str) else None for k in ("curve", "endpoint", "base")}
+        texts = {k: tags.get(k) if isinstance(tags.get(k), str) else None
+                 for k in ("curve", "endpoint", "base", "choice")}
         number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
         return cls(float(alpha) if number else None, **texts)
 
@@ -126,6 +132,22 @@ class ResultRecord:
     @property
     def placement(self) -> Placement:
         return Placement.from_tags(self.tags)
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of the run that made the record (None for a published or hand-made one)."""
+        seed = self.config.get("seed")
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+    @property
+    def seed_group(self) -> str:
+        """What the record shares with the same run at other seeds: records with one ``seed_group`` are one
+        method's result over seeds (mean ± std on the board). The run's resolved identity without its seed,
+        and the candidate; a record without a run config is a group of its own."""
+        identity = self.config.get("resolved")
+        if not isinstance(identity, dict):
+            return self.record_id
+        return stable_hash([{k: v for k, v in identity.items() if k != "seed"}, self.candidate, self.suite])[:16]
 
     def skipped_note(self) -> str:
         """"dataset: N skipped" per dataset that lost unreadable samples ("" if none), for tables."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -49,18 +49,46 @@ class RunOutcome:
     report: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
     run: ResolvedRun | None = None
+    name: str = ""  # the run's folder under the results and reports directories
+
+    def __post_init__(self) -> None:
+        self.name = self.name or (self.run.name if self.run else self.config.run_name or "")
 
     @property
     def records_dir(self) -> Path:
-        return Path(self.config.results_dir) / (self.run.name if self.run else self.config.run_name or "")
+        return Path(self.config.results_dir) / self.name
 
 
 def run(config: RunConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> RunOutcome:
-    """Run a method on a suite and write its records (and report). See the module docstring."""
+    """Run a method on a suite and write its records (and report). See the module docstring.
+
+    With ``config.seeds`` the run is repeated once per seed (training and every seeded draw change,
+    nothing else); the records of seed ``s`` go to ``<results-dir>/<run>/seed-<s>/`` and one report
+    shows them all (the leaderboard and the report give mean ± std over the seeds)."""
     with distributed.process_group(config.device) as world:
         if not world.is_main:  # one voice: rank 0 reports for all
             progress, log = False, silent
-        return _run(config, progress=progress, log=log)
+        if config.seeds is None:
+            return _run(config, progress=progress, log=log)
+        return _run_seeds(config, progress=progress, log=log)
+
+
+def _run_seeds(config: RunConfig, *, progress: bool, log: Callable[[str], None]) -> RunOutcome:
+    first = resolve(replace(config, seed=config.seeds[0], seeds=None))
+    group = first.seeds_name
+    outcomes = []
+    for seed in config.seeds:
+        log(f"seed {seed} ({len(outcomes) + 1} of {len(config.seeds)})")
+        seeded = replace(config, seed=seed, seeds=None, report=False, run_name=f"seed-{seed}",
+                         results_dir=str(Path(config.results_dir) / group))
+        outcomes.append(_run(seeded, progress=progress, log=log))
+    records = [r for o in outcomes for r in o.records]
+    outcome = RunOutcome(config, records, [p for o in outcomes for p in o.record_paths], None,
+                         {f"seed {s}": o.timings.get("total", 0.0) for s, o in zip(config.seeds, outcomes)}, first)
+    outcome.name = group
+    if config.report and distributed.world().is_main:
+        outcome.report = render_run_report(records, first, group)
+    return outcome
 
 
 def _run(config: RunConfig, *, progress: bool, log: Callable[[str], None]) -> RunOutcome:
@@ -222,12 +250,13 @@ def _suite_baseline(name: str | None):
     return load_baseline(name)
 
 
-def render_run_report(records: list[ResultRecord], resolved: ResolvedRun) -> Path:
+def render_run_report(records: list[ResultRecord], resolved: ResolvedRun, name: str | None = None) -> Path:
     """The run's HTML report, with the suite's baseline models drawn behind the candidates."""
     from robustbench_ft.report import render_report
     from robustbench_ft.robustness.baseline import baseline_records
 
     config, baseline_name = resolved.config, resolved.suite.baseline
     shown = records + (baseline_records(baseline_name) if baseline_name else [])
-    return render_report(shown, Path(config.reports_dir) / resolved.name, baseline=_suite_baseline(baseline_name),
+    return render_report(shown, Path(config.reports_dir) / (name or resolved.name),
+                         baseline=_suite_baseline(baseline_name),
                          title=f"{resolved.method.name} on {config.suite} ({config.model}, {config.pretrained})")

@@ -22,7 +22,8 @@ import pytest
 from PIL import Image
 from test_report import synthetic_records
 
-from robustbench_ft.board.leaderboard import build_leaderboard, write_leaderboard
+from robustbench_ft.board.leaderboard import build_leaderboard
+from robustbench_ft.board.render import write_leaderboard
 from robustbench_ft.report import render_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

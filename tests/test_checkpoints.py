@@ -143,7 +143,7 @@ def test_import_checkpoint_cli_then_wise_ft_run_uses_it(tmp_path, run_dirs, caps
                        method_options={"alpha": "0.5", "finetuned": str(src)}, **run_dirs)  # the raw file works too
     records = run(config, progress=False, log=lambda m: None).records
     loaded = Classifier.load(out.with_suffix(".safetensors"))
-    assert [r.candidate for r in records] == ["zeroshot", "finetuned", "wise-ft α=0.50"]
+    assert [r.candidate for r in records] == ["zeroshot", "finetuned", "wise-ft α=0.50", "wise-ft α chosen on val"]
     assert loaded.content_hash() == import_checkpoint(src, MODEL, ref.classnames, ref.templates).content_hash()
 
     assert main(["import-checkpoint", str(tmp_path / "missing.pt"), str(out), "--model", MODEL]) == 2

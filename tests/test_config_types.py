@@ -131,7 +131,8 @@ def test_a_config_file_cannot_switch_on_unpickling(run_dirs, tmp_path, capsys):
     ('[method]\nname = "finetune"\nmax_steps = 2.5', "config key 'max_steps' must be a whole number (or none)"),
     ('[method]\nname = "finetune"\n[method.lr]\nx = 1', "config key 'lr' must be a number, got a table"),
     ('[method]\nname = "zeroshot"\n[method.base_options]\nlr = 1', "method 'zeroshot' has no option(s) ['base_options']"),
-    ('[method]\nname = "soup"\nseeds = "0,1"', "config key 'seeds' must be a list of whole numbers, got the string '0,1'"),
+    ('[method]\nname = "soup"\ningredient_seeds = "0,1"',
+     "config key 'ingredient_seeds' must be a list of whole numbers, got the string '0,1'"),
     ('[method]\nname = "wise-ft"\nalpha = true', "config key 'alpha' must be a list of numbers, got the boolean true"),
     ("[method]\nname = 5", "config key 'method' must be a string, got int 5"),
 ])
@@ -152,13 +153,15 @@ def test_python_values_are_held_to_the_same_types():
     with pytest.raises(ConfigError, match="config key 'lr' must be a number, got the string '1e-4'"):
         get_method("finetune").make_options({"lr": "1e-4"})
     assert RunConfig(seed=3, draft_factor=2).draft_factor == 2.0  # an int is a number: widened, not refused
-    assert get_method("soup").make_options({"seeds": [0, 1]}).seeds == (0, 1)
+    assert get_method("soup").make_options({"ingredient_seeds": [0, 1]}).ingredient_seeds == (0, 1)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--seed", "x"], "config key 'seed' must be a whole number, got the string 'x'"),
     (["--method", "finetune", "--lr", "nan"], "config key 'lr' must be a number, got float nan (it must be finite)"),
-    (["--method", "soup", "--seeds", "0,a"], "config key 'seeds[1]' must be a whole number, got the string 'a'"),
+    (["--method", "soup", "--ingredient-seeds", "0,a"],
+     "config key 'ingredient_seeds[1]' must be a whole number, got the string 'a'"),
+    (["--seeds", "0,0"], "seeds must be distinct and at least one"),
     (["--method", "linear-probe", "--max-iter", "1e3"], "config key 'max_iter' must be a whole number"),
 ])
 def test_command_line_text_is_parsed_as_the_field_declares(argv, message):
@@ -167,10 +170,11 @@ def test_command_line_text_is_parsed_as_the_field_declares(argv, message):
 
 
 def test_command_line_text_becomes_typed_values():
-    config = run_config_from_argv(["--method", "soup", "--seeds", "0,1", "--lrs", "1e-5,3e-5", "--seed", "2",
+    config = run_config_from_argv(["--method", "soup", "--ingredient-seeds", "0,1", "--lrs", "1e-5,3e-5", "--seed", "2",
                                    "--no-report", "--epochs", "3"])
     assert config.seed == 2 and config.report is False
-    assert config.method_options == {"seeds": (0, 1), "lrs": (1e-5, 3e-5), "base_options": {"epochs": 3.0}}
+    assert config.method_options == {"ingredient_seeds": (0, 1), "lrs": (1e-5, 3e-5), "base_options": {"epochs": 3.0}}
+    assert run_config_from_argv(["--seeds", "0,1,2"]).seeds == (0, 1, 2)
 
 
 # --------------------------------------------------------------------------------------------

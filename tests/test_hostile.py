@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_submissions import demo_record
 
-from robustbench_ft.board.leaderboard import build_leaderboard, to_csv, to_html, to_markdown
+from robustbench_ft.board.leaderboard import build_leaderboard
+from robustbench_ft.board.render import to_csv, to_html, to_markdown
 from robustbench_ft.board.submissions import SubmissionError, add_bundle, make_bundle, read_bundle
 from robustbench_ft.cli import main
 from robustbench_ft.results import RecordError, ResultRecord, load_records, write_record

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robustbench_ft.board.leaderboard import build_leaderboard, md_escape, render, to_csv, to_html, to_markdown
+from robustbench_ft.board.leaderboard import build_leaderboard
+from robustbench_ft.board.render import md_escape, render, to_csv, to_html, to_markdown
 from robustbench_ft.cli import main
 from robustbench_ft.results import RecordError, ResultRecord, load_record, load_records, write_record
 from robustbench_ft.robustness.baseline import SHIFT_AVG, Baseline

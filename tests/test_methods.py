@@ -238,14 +238,14 @@ def test_uniform_soup_of_identical_checkpoints_is_that_checkpoint(run_dirs, clip
     for key, value in ft.classifier.state_dict().items():
         torch.testing.assert_close(soup.state_dict()[key], value, rtol=1e-6, atol=1e-7)
     # The same through the method: three runs with one seed are three copies of one checkpoint.
-    (cand,) = Soup().run(context(run_dirs, clip, "soup", {"kind": "uniform", "seeds": (0, 0, 0), "base": "ft",
+    (cand,) = Soup().run(context(run_dirs, clip, "soup", {"kind": "uniform", "ingredient_seeds": (0, 0, 0), "base": "ft",
                                                           "base_options": TRAIN}))
     images = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(logits(cand.classifier, images), logits(ft.classifier, images), rtol=1e-5, atol=1e-5)
 
 
 def test_soup_ingredients_differ_by_seed_and_grid(run_dirs, clip):
-    ctx = context(run_dirs, clip, "soup", {"kind": "greedy", "seeds": (0, 1), "lrs": (1e-3, 1e-4),
+    ctx = context(run_dirs, clip, "soup", {"kind": "greedy", "ingredient_seeds": (0, 1), "lrs": (1e-3, 1e-4),
                                            "base_options": TRAIN, "evaluate_ingredients": True})
     cands = Soup().run(ctx)
     soup, ingredients = cands[0], cands[1:]
@@ -300,17 +300,17 @@ CLI_CASES = {
     "flyp": (["--method", "flyp", *TRAIN_FLAGS], ["flyp"]),
     "l2-sp": (["--method", "l2-sp", "--sp-alpha", "0.5", *TRAIN_FLAGS], ["l2-sp"]),
     "ensemble-ft": (["--method", "ensemble", "--alpha", "0.5", "--base", "ft", *TRAIN_FLAGS],
-                    ["zeroshot", "finetune", "ensemble α=0.50"]),
+                    ["zeroshot", "finetune", "ensemble α=0.50", "ensemble α chosen on val"]),
     "wise-ft-lp": (["--method", "wise-ft", "--alpha", "0.5", "--base", "lp", *PROBE_FLAGS],
-                   ["zeroshot", "linear-probe", "wise-ft α=0.50"]),
+                   ["zeroshot", "linear-probe", "wise-ft α=0.50", "wise-ft α chosen on val"]),
     "wise-ft-lp-ft": (["--method", "wise-ft", "--alpha", "0.5", "--base", "lp-ft", *PROBE_FLAGS, *TRAIN_FLAGS],
-                      ["zeroshot", "lp-ft", "wise-ft α=0.50"]),
+                      ["zeroshot", "lp-ft", "wise-ft α=0.50", "wise-ft α chosen on val"]),
     "wise-ft-flyp": (["--method", "wise-ft", "--alpha", "0.5", "--base", "flyp", *TRAIN_FLAGS],
-                     ["zeroshot", "flyp", "wise-ft α=0.50"]),
+                     ["zeroshot", "flyp", "wise-ft α=0.50", "wise-ft α chosen on val"]),
     "wise-ft-l2-sp": (["--method", "wise-ft", "--alpha", "0.5", "--base", "l2-sp", *TRAIN_FLAGS],
-                      ["zeroshot", "l2-sp", "wise-ft α=0.50"]),
-    "soup-uniform": (["--method", "soup", "--kind", "uniform", "--seeds", "0,1", *TRAIN_FLAGS], ["uniform soup"]),
-    "soup-greedy": (["--method", "soup", "--kind", "greedy", "--seeds", "0,1", *TRAIN_FLAGS], ["greedy soup"]),
+                      ["zeroshot", "l2-sp", "wise-ft α=0.50", "wise-ft α chosen on val"]),
+    "soup-uniform": (["--method", "soup", "--kind", "uniform", "--ingredient-seeds", "0,1", *TRAIN_FLAGS], ["uniform soup"]),
+    "soup-greedy": (["--method", "soup", "--kind", "greedy", "--ingredient-seeds", "0,1", *TRAIN_FLAGS], ["greedy soup"]),
 }
 
 

@@ -34,7 +34,9 @@ from robustbench_ft.results import ResultRecord, iter_record_files, load_record,
 
 FORK = multiprocessing.get_context("fork")
 TINY = dict(model="rbft-tiny-vit", pretrained="random", suite="synthetic", report=False)
-WISE = dict(method="wise-ft", method_options={"alpha": "0.5", "base_options": {"max_steps": 4}})
+# select=False: the encoder passes counted below are those of the test evaluation (the choice of α on val
+# is a pass of its own, cached the same way; tests/test_protocol.py covers it)
+WISE = dict(method="wise-ft", method_options={"alpha": "0.5", "select": False, "base_options": {"max_steps": 4}})
 TRAIN_STEPS = 4
 CANDIDATES = ("zeroshot", "finetune", "wise-ft α=0.50")
 EVAL_PASSES = 3 * 2 * 2   # encoder passes: 3 candidates' encoders x 2 datasets x 2 batches of 16 (24 images each)

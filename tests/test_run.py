@@ -26,14 +26,15 @@ def test_wise_ft_run_writes_one_record_per_candidate(run_dirs):
     out = run(RunConfig(method="wise-ft", method_options={"alpha": "0,0.5,1"}, **TINY, **run_dirs),
               progress=False, log=logs.append)
     names = [r.candidate for r in out.records]
-    assert names == ["zeroshot", "finetune", "wise-ft α=0.50"]
+    assert names == ["zeroshot", "finetune", "wise-ft α=0.50", "wise-ft α chosen on val"]
     records = {r.candidate: r for r in load_records([Path(run_dirs["results_dir"])])}
     assert set(records) == set(names)
     for rec in records.values():
         assert set(rec.metrics) == {"synth", "synth-inverted"}
         assert rec.metrics["synth"]["n"] == 24 and 0.0 <= rec.metrics["synth"]["top1"] <= 1.0
         assert rec.config_hash == resolve(out.config).hash and rec.versions["torch"]
-    assert records["wise-ft α=0.50"].tags == {"alpha": 0.5, "curve": "wise-ft/finetune", "base": "finetune"}
+    assert records["wise-ft α=0.50"].tags == {"alpha": 0.5, "curve": "wise-ft/finetune", "base": "finetune",
+                                             "choice": "fixed"}
     assert records["zeroshot"].tags["endpoint"] == "zeroshot"
     # The fine-tuned endpoint was trained and cached.
     assert list((Path(run_dirs["cache_dir"]) / "checkpoints").glob("finetune-*.safetensors"))
@@ -45,7 +46,7 @@ def test_second_run_reuses_checkpoint_and_records(run_dirs):
     logs: list[str] = []
     second = run(config, progress=False, log=logs.append)
     assert any("using cached finetune checkpoint" in m for m in logs)
-    assert any("reusing 3 finished record(s)" in m for m in logs)
+    assert any("reusing 4 finished record(s)" in m for m in logs)
     assert [r.to_dict() for r in first.records] == [r.to_dict() for r in second.records]
 
 
@@ -229,7 +230,7 @@ def test_records_load_into_pandas(run_dirs):
     out = run(RunConfig(method="wise-ft", method_options={"alpha": "0.5"}, **TINY, **run_dirs), progress=False,
               log=lambda m: None)
     frame = records_to_frame(out.records)
-    assert len(frame) == 3 * 2  # candidates x datasets
+    assert len(frame) == 4 * 2  # candidates (the endpoints, α = 0.5, α chosen on val) x datasets
     assert set(frame["role"]) == {"reference", "shift"}
     row = frame[(frame.candidate == "wise-ft α=0.50") & (frame.dataset == "synth")].iloc[0]
     assert row.score == out.records[2].metrics["synth"]["top1"] and row.tag_alpha == 0.5

@@ -11,35 +11,36 @@ WiSE-FT's "avg shifts"), flagged as such, else the mean of the per-shift scores.
 neither is listed unranked rather than ranked on fewer shifts, where a missing hard shift would
 flatter it.
 
-Renderings: HTML (the report's look and template pieces, autoescaped), Markdown (user text escaped
-so it cannot become markup or links) and CSV (fractions, as records store them; text that a
-spreadsheet would run as a formula is defused).
+Rows over seeds show their mean (± std); oracle rows (an α of a sweep) are unranked. Renderings:
+:mod:`robustbench_ft.board.render`.
 """
 from __future__ import annotations
 
-import csv
-import io
-import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Sequence
 
-from robustbench_ft.results import ResultRecord, now_iso
+import numpy as np
+
+from robustbench_ft.results import ResultRecord
 from robustbench_ft.robustness.baseline import SHIFT_AVG, Baseline, shift_score
 from robustbench_ft.robustness.effective import compute_effective_robustness
-from robustbench_ft.util import atomic_write_text
 
-FORMATS = ("html", "md", "csv")
 MAX_TEXT = 120
 
 
 @dataclass
 class Entry:
-    """One row: the record and the numbers the board shows for it."""
+    """One row: a record, or the records of one run at several seeds, and the numbers the board shows.
 
-    record: ResultRecord
+    Over seeds every number is the mean, and ``spread`` holds the sample standard deviation (ddof 1,
+    as FLYP reports its ± over seeds) under "reference", each shift's name, "shift_avg" and "er".
+    ``oracle``: the row's α is one of a sweep's (``Placement.choice == "oracle"``): its place would be
+    chosen on test data, so it is not ranked unless the board is built with ``include_oracle``.
+    """
+
+    records: list[ResultRecord]
     rank: int | None
     reference: float | None
     shifts: dict[str, float | None]
@@ -47,6 +48,17 @@ class Entry:
     shift_avg_reported: bool          # taken from the paper's reported mean, not from per-shift scores
     er: float | None                  # effective robustness of the shift average (fraction)
     er_baseline: str                  # the baseline ``er`` was measured against ("" if none)
+    spread: dict[str, float] = field(default_factory=dict)
+    oracle: bool = False
+
+    @property
+    def record(self) -> ResultRecord:
+        """The row's record (the first seed's, for a row over seeds)."""
+        return self.records[0]
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(r.seed for r in self.records if r.seed is not None)
 
     def score(self, shifts: Sequence[str]) -> float | None:
         """What the row is ranked by: the shift average, or reference accuracy in a suite
@@ -60,7 +72,7 @@ class Entry:
         if self.record.kind == "published":
             year = re.search(r"\b(19|20)\d\d\b", text)
             return f"{text.split(',')[0]}{' ' + year.group(0) if year else ''}"
-        return _short(text, 60)
+        return shorten(text, 60)
 
     @property
     def source(self) -> str:
@@ -86,6 +98,12 @@ class Board:
     metrics: dict[str, str]           # dataset -> primary metric name shown in the header
     baseline: str                     # baseline used for effective robustness ("" if none)
     entries: list[Entry] = field(default_factory=list)
+
+
+def shorten(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` on one line, cut to ``limit`` characters with an ellipsis."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _suite_shifts(suite: str, records: Sequence[ResultRecord]) -> list[str]:
@@ -118,6 +136,7 @@ def suite_baseline(suite: str) -> Baseline | None:
 
 
 def _entry(record: ResultRecord, shifts: list[str], baseline: Baseline | None) -> Entry:
+    """The row of one record."""
     avg = shift_score(record, SHIFT_AVG, shifts)
     reported = record.summary_score(SHIFT_AVG, shifts) is not None
     if baseline is not None and record.reference in record.metrics:
@@ -127,10 +146,35 @@ def _entry(record: ResultRecord, shifts: list[str], baseline: Baseline | None) -
     else:
         er_info = record.effective_robustness or {}
     er = er_info.get(SHIFT_AVG)
-    return Entry(record, None, record.reference_score if record.reference in record.metrics else None,
+    return Entry([record], None, record.reference_score if record.reference in record.metrics else None,
                  {s: record.score(s) if s in record.metrics else None for s in shifts}, avg, reported,
                  float(er) if isinstance(er, (int, float)) else None,
-                 str(er_info.get("baseline", "")) if er is not None else "")
+                 str(er_info.get("baseline", "")) if er is not None else "",
+                 oracle=record.placement.choice == "oracle")
+
+
+def _over_seeds(rows: list[Entry]) -> Entry:
+    """One row for the entries of one run at several seeds: means, and sample standard deviations."""
+    if len(rows) == 1:
+        return rows[0]
+
+    def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+        if any(v is None for v in values):
+            return None, None
+        return float(np.mean(values)), float(np.std(values, ddof=1))
+
+    spread: dict[str, float] = {}
+    numbers = {"reference": [r.reference for r in rows], "shift_avg": [r.shift_avg for r in rows],
+               "er": [r.er for r in rows], **{s: [r.shifts[s] for r in rows] for s in rows[0].shifts}}
+    means = {}
+    for key, values in numbers.items():
+        means[key], std = mean_std(values)
+        if std is not None:
+            spread[key] = std
+    first = rows[0]
+    return Entry([r.record for r in sorted(rows, key=lambda r: (r.record.seed or 0))], None, means["reference"],
+                 {s: means[s] for s in first.shifts}, means["shift_avg"], first.shift_avg_reported, means["er"],
+                 first.er_baseline, spread, first.oracle)
 
 
 def build_leaderboard(
@@ -139,12 +183,15 @@ def build_leaderboard(
     suite: str | None = None,
     model: str | None = None,
     baselines: dict[str, Baseline | None] | None = None,
+    include_oracle: bool = False,
 ) -> list[Board]:
     """Boards, one per suite (sorted by name), of the non-baseline records that pass the filters.
 
     ``baselines`` maps a suite to the fit its effective robustness is measured against; a suite not
     in it uses its registered baseline (``suite_baseline``), and without one the records' stored
-    values. Rows are ranked by shift average, then reference accuracy, then name."""
+    values. The records of one run at several seeds are one row (``ResultRecord.seed_group``), its
+    numbers the means. Rows are ranked by shift average, then reference accuracy, then name; oracle
+    rows (an α of a sweep) are listed unranked unless ``include_oracle``."""
     chosen = [r for r in records if r.kind != "baseline" and (suite is None or r.suite == suite)
               and (model is None or r.model == model)]
     boards = []
@@ -156,176 +203,17 @@ def build_leaderboard(
                              f"fix the records (a suite has one reference)")
         shifts = _suite_shifts(name, members)
         baseline = (baselines or {}).get(name) if name in (baselines or {}) else suite_baseline(name)
-        entries = [_entry(r, shifts, baseline) for r in members]
-        entries.sort(key=lambda e: (e.score(shifts) is None, -(e.score(shifts) or 0.0), -(e.reference or 0.0),
+        groups: dict[str, list[Entry]] = {}
+        for r in members:
+            groups.setdefault(r.seed_group, []).append(_entry(r, shifts, baseline))
+        entries = [_over_seeds(rows) for rows in groups.values()]
+        ranked = lambda e: e.score(shifts) is not None and (include_oracle or not e.oracle)  # noqa: E731
+        entries.sort(key=lambda e: (not ranked(e), -(e.score(shifts) or 0.0), -(e.reference or 0.0),
                                     e.record.candidate, e.record.record_id))
-        for i, e in enumerate(x for x in entries if x.score(shifts) is not None):
+        for i, e in enumerate(x for x in entries if ranked(x)):
             e.rank = i + 1
         metrics = {d: next((r.primary_metric[d] for r in members if d in r.primary_metric), "top1")
                    for d in [refs[0], *shifts]}
         used = sorted({e.er_baseline for e in entries if e.er_baseline})
         boards.append(Board(name, refs[0], shifts, metrics, ", ".join(used), entries))
     return boards
-
-
-# --------------------------------------------------------------------------------------------
-# Renderings
-# --------------------------------------------------------------------------------------------
-
-def _pct(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.1f}"
-
-
-def _pp(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:+.1f}"
-
-
-def _short(text: str, limit: int = MAX_TEXT) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _header(board: Board, dataset: str) -> str:
-    metric = board.metrics.get(dataset, "top1")
-    return dataset if metric == "top1" else f"{dataset} ({metric})"
-
-
-def _columns(board: Board) -> list[str]:
-    return ["rank", "candidate", "kind", "method", "model", f"{_header(board, board.reference)} (ref)",
-            *(_header(board, s) for s in board.shifts), "shift avg", "ER (pp)", "source"]
-
-
-def _numeric_columns(columns: Sequence[str]) -> set[int]:
-    """Rank and the score columns (reference … ER): right-aligned, and our own formatting."""
-    return {0, *range(5, len(columns) - 1)}
-
-
-def _row_text(board: Board, e: Entry) -> list[str]:
-    r = e.record
-    avg = _pct(e.shift_avg) + (" †" if e.shift_avg_reported else "")
-    return [str(e.rank) if e.rank else "—", r.candidate, r.kind, r.method,
-            f"{r.model} ({r.pretrained})", _pct(e.reference), *(_pct(e.shifts[s]) for s in board.shifts), avg,
-            _pp(e.er), e.source]
-
-
-def _citations(board: Board) -> list[str]:
-    """Each published source once, in full (cells show the short form)."""
-    return list(dict.fromkeys(f"{e.source_short}: {e.source}" for e in board.entries if e.record.kind == "published"))
-
-
-def _notes(board: Board) -> list[str]:
-    notes = [f"accuracy in %; ranked by shift avg = mean over {', '.join(board.shifts)}" if board.shifts
-             else "accuracy in %; ranked by reference accuracy (the suite has no shifts)"]
-    if any(e.shift_avg_reported for e in board.entries):
-        notes.append("† shift average as the paper reports it (it may give no per-shift numbers, or tune "
-                     "each column separately)")
-    notes.append(f"ER = effective robustness of the shift average in percentage points, against "
-                 f"{board.baseline or 'no baseline'}")
-    notes += [f"{_short(e.record.candidate, 60)}: evaluated with unreadable samples left out ({e.record.skipped_note()}); "
-              f"its scores are over the samples read" for e in board.entries if e.record.skipped_samples]
-    if any(e.rank is None for e in board.entries):
-        notes.append("— unranked: no score on every shift" if board.shifts else "— unranked: no reference score")
-    return notes
-
-
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
-
-
-def md_escape(text: str) -> str:
-    """User text made inert in a Markdown table cell: HTML characters as entities (Markdown passes
-    raw HTML through), the punctuation of emphasis, code, links and cell breaks backslash-escaped,
-    line breaks folded (they would end the row). Line-start syntax (#, -, >) cannot occur in a cell."""
-    text = " ".join(str(text).split())
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return _MD_SPECIAL.sub(r"\\\1", text)
-
-
-def to_markdown(boards: Sequence[Board]) -> str:
-    out = ["# robustbench-ft leaderboard", ""]
-    if not boards:
-        out.append("No records match.")
-    for board in boards:
-        out += [f"## {md_escape(board.suite)} (reference: {md_escape(board.reference)})", ""]
-        cols = _columns(board)
-        numeric = _numeric_columns(cols)
-        out.append("| " + " | ".join(md_escape(c) for c in cols) + " |")
-        out.append("|" + "|".join("---:" if i in numeric else "---" for i in range(len(cols))) + "|")
-        for e in board.entries:
-            cells = _row_text(board, e)
-            cells[-1] = e.source_short
-            out.append("| " + " | ".join(c if i in numeric else md_escape(c) for i, c in enumerate(cells)) + " |")
-        out += [""] + [f"- {md_escape(n)}" for n in _notes(board)]
-        out += [f"- {md_escape(c)}" for c in _citations(board)] + [""]
-    return "\n".join(out).rstrip() + "\n"
-
-
-def _csv_text(value: str) -> str:
-    """Text a spreadsheet would evaluate (=, +, -, @, tab, CR first) gets a leading apostrophe."""
-    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
-
-
-def to_csv(boards: Sequence[Board]) -> str:
-    """One row per entry across suites; scores as fractions, empty where a record has none."""
-    datasets = list(dict.fromkeys(d for b in boards for d in b.shifts))
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["suite", "rank", "kind", "candidate", "method", "model", "pretrained", "reference",
-                     "reference_score", *datasets, "shift_avg", "shift_avg_reported", "effective_robustness",
-                     "baseline", "source", "record_id"])
-
-    def num(v: float | None) -> str:
-        return "" if v is None or not math.isfinite(v) else repr(round(float(v), 6))
-
-    for b in boards:
-        for e in b.entries:
-            r = e.record
-            writer.writerow([_csv_text(x) for x in (b.suite, str(e.rank or ""), r.kind, r.candidate, r.method,
-                                                     r.model, r.pretrained, r.reference)]
-                            + [num(e.reference), *(num(e.shifts.get(d)) if d in b.shifts else "" for d in datasets),
-                               num(e.shift_avg), "yes" if e.shift_avg_reported else "", num(e.er)]
-                            + [_csv_text(x) for x in (e.er_baseline, e.source, r.record_id)])
-    return buf.getvalue()
-
-
-def to_html(boards: Sequence[Board], title: str = "robustbench-ft leaderboard") -> str:
-    from robustbench_ft.report.html import Cell, Table, er_cell, template_environment
-
-    views = []
-    for b in boards:
-        cols = _columns(b)
-        numeric = _numeric_columns(cols)
-        table = Table([Cell(c, "num wrap" if i in numeric else "") for i, c in enumerate(cols)])
-        for e in b.entries:
-            text = _row_text(b, e)
-            cells = [Cell(t, "num" if i in numeric else "") for i, t in enumerate(text)]
-            cells[1] = Cell(e.record.candidate, "name", e.record.record_id)
-            cells[2] = Cell(text[2], f"kind kind-{e.record.kind}")
-            cells[4] = Cell(text[4], "nowrap")
-            cells[-2] = er_cell(e.er)
-            cells[-1] = Cell(e.source_short, "source", e.source)
-            if e.shift_avg_reported:
-                cells[-3].title = "as reported by the paper"
-            table.rows.append(cells)
-        views.append({"board": b, "table": table, "notes": _notes(b) + _citations(b)})
-    return template_environment().get_template("leaderboard.html.j2").render(
-        title=title, generated=now_iso(), boards=views)
-
-
-def render(boards: Sequence[Board], fmt: str, title: str = "robustbench-ft leaderboard") -> str:
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown leaderboard format {fmt!r}; choose one of {list(FORMATS)}")
-    return {"html": lambda: to_html(boards, title), "md": lambda: to_markdown(boards),
-            "csv": lambda: to_csv(boards)}[fmt]()
-
-
-def format_for(out: Path | None, fmt: str | None) -> str:
-    """``fmt`` if given, else from the output file's suffix (.html/.htm, .md, .csv), else Markdown."""
-    if fmt:
-        return fmt
-    suffix = out.suffix.lower().lstrip(".") if out is not None else ""
-    return {"htm": "html", "html": "html", "md": "md", "markdown": "md", "csv": "csv"}.get(suffix, "md")
-
-
-def write_leaderboard(boards: Sequence[Board], out: Path, fmt: str, title: str = "robustbench-ft leaderboard") -> Path:
-    atomic_write_text(Path(out), render(boards, fmt, title))
-    return Path(out)

@@ -38,7 +38,8 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from robustbench_ft.board.leaderboard import build_leaderboard, format_for, render, write_leaderboard
+    from robustbench_ft.board.leaderboard import build_leaderboard
+    from robustbench_ft.board.render import format_for, render, write_leaderboard
     from robustbench_ft.results import load_records
 
     if args.add:
@@ -54,7 +55,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
         fit = load_baseline(args.baseline)
         baselines = {fit.suite: fit}
-    boards = build_leaderboard(records, suite=args.suite, model=args.model, baselines=baselines)
+    boards = build_leaderboard(records, suite=args.suite, model=args.model, baselines=baselines,
+                               include_oracle=args.include_oracle)
     fmt = format_for(args.out, args.format)
     if args.out:
         write_leaderboard(boards, args.out, fmt)
@@ -105,6 +107,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     lb.add_argument("--baseline", default=None, help="baseline for effective robustness (default: the suite's)")
     lb.add_argument("--format", choices=["html", "md", "csv"], default=None, help="default: from --out, else md")
     lb.add_argument("--out", type=Path, default=None, help="write here instead of printing")
+    lb.add_argument("--include-oracle", action="store_true",
+                    help="also rank the α values of sweeps (their best is a choice made on test data)")
     lb.add_argument("--add", type=Path, default=None, metavar="BUNDLE",
                     help="validate a submission bundle and store its records under RESULTS_DIR/submissions/")
     lb.set_defaults(handler=cmd_leaderboard)

@@ -37,12 +37,17 @@ def _add_method_flags(p: argparse.ArgumentParser, method: str, seen: set[str]) -
     spec = get_method(method)
     group = p.add_argument_group(f"options of method {spec.name!r}")
     added = []
+    hints = typing.get_type_hints(spec.options)
     for f in dataclasses.fields(spec.options):
-        if f.name in seen or typing.get_origin(typing.get_type_hints(spec.options)[f.name]) is dict:
+        if f.name in seen or typing.get_origin(hints[f.name]) is dict:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        group.add_argument(flag(f.name), dest=f"opt__{f.name}", default=None, metavar=f.name.upper(),
-                           help=f"(default: {default})")
+        if hints[f.name] is bool:
+            group.add_argument(flag(f.name), dest=f"opt__{f.name}", default=None,
+                               action=argparse.BooleanOptionalAction, help=f"(default: {default})")
+        else:
+            group.add_argument(flag(f.name), dest=f"opt__{f.name}", default=None, metavar=f.name.upper(),
+                               help=f"(default: {default})")
         seen.add(f.name)
         added.append(f.name)
     return added

@@ -19,7 +19,7 @@ from robustbench_ft.methods.resolve import ResolvedRun
 from robustbench_ft.methods.training import Checkpointing
 from robustbench_ft.models.classifier import Classifier
 from robustbench_ft.models.clip import LoadedCLIP
-from robustbench_ft.results import ENDPOINTS, Endpoint, Placement
+from robustbench_ft.results import CHOICES, ENDPOINTS, Choice, Endpoint, Placement
 
 
 @dataclass
@@ -31,7 +31,8 @@ class Candidate:
     the combinations of :mod:`robustbench_ft.models.combined`. ``alpha`` and ``curve`` put it on an
     interpolation curve (points of one curve are joined in α order); ``endpoint`` says it is the
     curve's zero-shot or fine-tuned end, which a base method's result must be; ``base`` names the
-    method behind the fine-tuned endpoint; ``extra`` holds anything else worth recording (JSON values).
+    method behind the fine-tuned endpoint; ``choice`` how its α was chosen ("fixed", "val" or "oracle": see
+    :mod:`robustbench_ft.methods.alpha_curve`); ``extra`` holds anything else worth recording (JSON values).
     """
 
     name: str
@@ -40,16 +41,19 @@ class Candidate:
     curve: str | None = None
     endpoint: Endpoint | None = None
     base: str | None = None
+    choice: Choice | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.endpoint not in (None, *ENDPOINTS):
             raise ValueError(f"candidate {self.name!r}: endpoint must be one of {ENDPOINTS} or None, "
                              f"got {self.endpoint!r}")
+        if self.choice not in (None, *CHOICES):
+            raise ValueError(f"candidate {self.name!r}: choice must be one of {CHOICES} or None, got {self.choice!r}")
 
     @property
     def placement(self) -> Placement:
-        return Placement(self.alpha, self.curve, self.endpoint, self.base)
+        return Placement(self.alpha, self.curve, self.endpoint, self.base, self.choice)
 
     @property
     def tags(self) -> dict[str, Any]:

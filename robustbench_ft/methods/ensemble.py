@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from robustbench_ft.methods.context import Candidate, MethodContext, alpha_label
+from robustbench_ft.methods.alpha_curve import curve_candidates
+from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.registry import register_method
-from robustbench_ft.methods.wise_ft import WiseFTOptions, endpoint_candidates
+from robustbench_ft.methods.wise_ft import WiseFTOptions, finetuned_endpoint
 from robustbench_ft.models.combined import LogitMixture, MemberLogits
 
 
@@ -21,7 +22,7 @@ class EnsembleOptions(WiseFTOptions):
 
 
 @register_method("ensemble", paper="Wortsman et al., Robust fine-tuning of zero-shot models, CVPR 2022 "
-                 "(output-space ensemble baseline)")
+                 "(output-space ensemble baseline)", defaults="as wise-ft")
 class Ensemble:
     """Output-space ensemble (1−α)·zero-shot logits + α·fine-tuned logits, one candidate per α."""
 
@@ -29,10 +30,7 @@ class Ensemble:
 
     def run(self, ctx: MethodContext) -> list[Candidate]:
         opts: EnsembleOptions = ctx.options
-        finetuned, base_name, out = endpoint_candidates(ctx, opts, "ensemble")
+        finetuned, base = finetuned_endpoint(ctx, opts)
         pair = MemberLogits([ctx.zeroshot, finetuned])  # one pass of each encoder for every α
-        for alpha in opts.alpha:
-            if 0.0 < alpha < 1.0:
-                out.append(Candidate(f"ensemble α={alpha_label(alpha)}", LogitMixture(pair, [1.0 - alpha, alpha]),
-                                     alpha=alpha, curve=f"ensemble/{base_name}", base=base_name))
-        return out
+        return curve_candidates(ctx, opts, "ensemble", ctx.zeroshot, finetuned, base,
+                                lambda alpha: LogitMixture(pair, [1.0 - alpha, alpha]))

@@ -72,6 +72,14 @@ class ResolvedRun:
         return self.config.run_name or slugify(f"{self.suite.name}-{self.config.model}-{self.method.name}-"
                                                f"{self.hash[:8]}")
 
+    @property
+    def seeds_name(self) -> str:
+        """The folder of a run over several seeds (``--seeds``): named by the identity without the seed;
+        each seed's records go to ``<name>/seed-<s>/``."""
+        return self.config.run_name or slugify(
+            f"{self.suite.name}-{self.config.model}-{self.method.name}-"
+            f"{stable_hash({k: v for k, v in self.identity.items() if k != 'seed'})[:8]}-seeds")
+
     def sub_run(self, method: str, options: Mapping[str, Any], *, seed: int | None = None) -> "ResolvedRun":
         """Another method under this run's settings (``seed`` replaced where given), resolved the same way."""
         config = self.config.with_method(method, dict(options))

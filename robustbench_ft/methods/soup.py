@@ -11,7 +11,7 @@ data are never used.
 
 The paper's ImageNet soups used 72 ingredients from a random hyper-parameter search (learning
 rate, weight decay, epochs, label smoothing, augmentation) starting from a linear-probe head; here
-the ingredients are the grid ``seeds × lrs × weight_decays × label_smoothings`` (an empty list keeps
+the ingredients are the grid ``ingredient_seeds × lrs × weight_decays × label_smoothings`` (an empty list keeps
 the base's own value) over any base method (``finetune`` by default; ``lp-ft`` for the paper's
 probe initialisation).
 """
@@ -37,7 +37,7 @@ GRID = {"lrs": "lr", "weight_decays": "weight_decay", "label_smoothings": "label
 @dataclass(frozen=True)
 class SoupOptions:
     kind: str = "greedy"                      # "uniform" (average all) or "greedy" (Recipe 1, held-out accuracy)
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # one ingredient per seed (× each hyper-parameter value below)
+    ingredient_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # one ingredient per seed (× each hyper-parameter value)
     lrs: tuple[float, ...] = ()               # learning rates to vary (empty: the base's)
     weight_decays: tuple[float, ...] = ()     # weight decays to vary (empty: the base's)
     label_smoothings: tuple[float, ...] = ()  # label smoothings to vary (empty: the base's)
@@ -50,14 +50,14 @@ class SoupOptions:
         object.__setattr__(self, "base", METHOD_ALIASES.get(self.base, self.base))
         if self.kind not in KINDS:
             raise ValueError(f"soup: kind must be one of {KINDS}, got {self.kind!r}")
-        if not self.seeds:
+        if not self.ingredient_seeds:
             raise ValueError("soup: give at least one seed")
 
     def ingredients(self) -> list[tuple[int, dict[str, float]]]:
         """(seed, hyper-parameter overrides) of every ingredient, in grid order."""
         axes = [[(GRID[name], v) for v in getattr(self, name)] or [None] for name in GRID]
         return [(seed, dict(kv for kv in combo if kv is not None))
-                for seed in self.seeds for combo in itertools.product(*axes)]
+                for seed in self.ingredient_seeds for combo in itertools.product(*axes)]
 
 
 def greedy_soup(ingredients: Sequence[Classifier], score: Callable[[Classifier], float],

@@ -8,29 +8,22 @@ WiSE-FT checkpoint; see :mod:`robustbench_ft.models.checkpoints`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
 
-from robustbench_ft.methods.context import Candidate, MethodContext, alpha_label, parse_alphas
-from robustbench_ft.methods.registry import METHOD_ALIASES, register_method
+from robustbench_ft.methods.alpha_curve import CurveOptions, curve_candidates
+from robustbench_ft.methods.context import Candidate, MethodContext
+from robustbench_ft.methods.registry import register_method
 from robustbench_ft.models.checkpoints import import_checkpoint
 from robustbench_ft.models.classifier import Classifier, interpolate
 
 
 @dataclass(frozen=True)
-class WiseFTOptions:
-    alpha: Annotated[tuple[float, ...], parse_alphas] = (0.5,)
-    base: str = "finetune"            # registered method producing the fine-tuned endpoint (ft, lp: short names)
-    finetuned: str | None = None      # a checkpoint to use as the endpoint instead of training one (see import-checkpoint)
-    base_options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "alpha", parse_alphas(self.alpha))
-        object.__setattr__(self, "base", METHOD_ALIASES.get(self.base, self.base))
+class WiseFTOptions(CurveOptions):
+    """The α values and their choice (see :mod:`~robustbench_ft.methods.alpha_curve`), and the fine-tuned endpoint."""
 
 
-def finetuned_endpoint(ctx: MethodContext, opts: WiseFTOptions) -> tuple[Classifier, str]:
+def finetuned_endpoint(ctx: MethodContext, opts: CurveOptions) -> tuple[Classifier, str]:
     """The fine-tuned endpoint and its name: loaded from ``opts.finetuned``, or produced by ``opts.base``.
 
     The base method runs as any top-level run of it would (the suite's defaults for it, overridden by
@@ -48,17 +41,6 @@ def finetuned_endpoint(ctx: MethodContext, opts: WiseFTOptions) -> tuple[Classif
     return ctx.finetuned_endpoint(opts.base, opts.base_options), opts.base
 
 
-def endpoint_candidates(ctx: MethodContext, opts: WiseFTOptions, curve: str) -> tuple[Classifier, str, list[Candidate]]:
-    """(fine-tuned classifier, base name, [zero-shot candidate, fine-tuned candidate]) of an α curve."""
-    finetuned, base_name = finetuned_endpoint(ctx, opts)
-    curve = f"{curve}/{base_name}"
-    return finetuned, base_name, [
-        Candidate("zeroshot", ctx.zeroshot, alpha=0.0, curve=curve, endpoint="zeroshot"),
-        Candidate(base_name if not opts.finetuned else "finetuned", finetuned, alpha=1.0, curve=curve,
-                  endpoint="finetuned", base=base_name),
-    ]
-
-
 @register_method("wise-ft", paper="Wortsman et al., Robust fine-tuning of zero-shot models, CVPR 2022",
                  defaults="α = 0.5 (the paper's recommendation without domain knowledge); α also chosen on the val "
                           "split over 0:1:0.1")
@@ -69,9 +51,6 @@ class WiseFT:
 
     def run(self, ctx: MethodContext) -> list[Candidate]:
         opts: WiseFTOptions = ctx.options
-        finetuned, base_name, out = endpoint_candidates(ctx, opts, "wise-ft")
-        for alpha in opts.alpha:
-            if 0.0 < alpha < 1.0:
-                out.append(Candidate(f"wise-ft α={alpha_label(alpha)}", interpolate(ctx.zeroshot, finetuned, alpha),
-                                     alpha=alpha, curve=f"wise-ft/{base_name}", base=base_name))
-        return out
+        finetuned, base = finetuned_endpoint(ctx, opts)
+        return curve_candidates(ctx, opts, "wise-ft", ctx.zeroshot, finetuned, base,
+                                lambda alpha: interpolate(ctx.zeroshot, finetuned, alpha))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +17,15 @@ from typing import Any, Sequence
 import jinja2
 
 from robustbench_ft.report.figures import figure_bytes, scatter_figure
+from robustbench_ft.report.tables import (
+    accuracy_table,
+    alpha_gain_table,
+    alpha_of,
+    er_table,
+    fit_table,
+    percent,
+    seeds_table,
+)
 from robustbench_ft.results import ResultRecord, now_iso
 from robustbench_ft.robustness.baseline import SHIFT_AVG, Baseline, shift_score
 from robustbench_ft.robustness.effective import compute_effective_robustness
@@ -28,47 +37,16 @@ MAX_CONFIG_VALUE = 160
 
 
 @dataclass
-class Cell:
-    """One table cell: display text plus CSS classes (numbers right-aligned, best in bold, ER sign)."""
-
-    text: str
-    classes: str = ""
-    title: str = ""
-
-
-@dataclass
-class Table:
-    columns: list[Cell]
-    rows: list[list[Cell]] = field(default_factory=list)
-
-
-@dataclass
 class FigureView:
     name: str
     title: str
     data_uri: str
 
 
-def _pct(value: float | None, digits: int = 1) -> str:
-    return "—" if value is None else f"{100 * value:.{digits}f}"
-
-
-def er_cell(value: float | None) -> Cell:
-    """Effective robustness in percentage points, signed and coloured."""
-    if value is None:
-        return Cell("—", "num")
-    return Cell(f"{100 * value:+.1f}", "num " + ("pos" if value > 0.0005 else "neg" if value < -0.0005 else ""))
-
-
-def _alpha(record: ResultRecord) -> float | None:
-    a = record.tags.get("alpha")
-    return float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
-
-
 def _sort_key(record: ResultRecord) -> tuple:
     """Curves first (in α order), then everything else by name."""
     curve = record.tags.get("curve")
-    alpha = _alpha(record)
+    alpha = alpha_of(record)
     return (not isinstance(curve, str), str(curve or ""), alpha if alpha is not None else float("inf"),
             record.method, record.candidate)
 
@@ -78,59 +56,6 @@ def _single(records: Sequence[ResultRecord], attr: str) -> str:
     if len(values) != 1:
         raise ValueError(f"a report covers one {attr}; these records mix {values} — render one report per {attr}")
     return values[0]
-
-
-def _metric_label(records: Sequence[ResultRecord], dataset: str) -> str:
-    metric = next((r.primary_metric[dataset] for r in records if dataset in r.primary_metric), "top1")
-    return dataset if metric == "top1" else f"{dataset} ({metric})"
-
-
-def _accuracy_table(records: Sequence[ResultRecord], reference: str, shifts: list[str],
-                    avg_shifts: list[str], *, with_alpha: bool) -> Table:
-    columns = [Cell("candidate"), Cell("method"), *([Cell("α", "num")] if with_alpha else []),
-               Cell(_metric_label(records, reference) + " (ref)", "num"),
-               *(Cell(_metric_label(records, s), "num") for s in shifts),
-               Cell("shift avg", "num", "mean over " + ", ".join(avg_shifts))]
-    values = [[r.score(d) if d in r.metrics else None for d in (reference, *shifts)]
-              + [shift_score(r, SHIFT_AVG, avg_shifts)] for r in records]
-    best = [max((v[j] for v in values if v[j] is not None), default=None) for j in range(len(shifts) + 2)]
-    table = Table(columns)
-    for r, vals in zip(records, values):
-        alpha = _alpha(r)
-        row = [Cell(r.candidate, "name", r.record_id), Cell(r.method)]
-        if with_alpha:
-            row.append(Cell("" if alpha is None else f"{alpha:g}", "num"))
-        row += [Cell(_pct(v), "num" + (" best" if v is not None and v == b and len(records) > 1 else ""))
-                for v, b in zip(vals, best)]
-        table.rows.append(row)
-    return table
-
-
-def _er_table(records: Sequence[ResultRecord], er_by_id: dict[str, dict[str, Any]]) -> tuple[Table | None, str]:
-    """Effective robustness (pp) per shift, of the shift average, and the mean over shifts, plus
-    the names of the baselines it was measured against (records read from disk may differ)."""
-    entries = [(r, er_by_id[r.record_id]) for r in records if er_by_id.get(r.record_id)]
-    if not entries:
-        return None, ""
-    shifts = list(dict.fromkeys(s for _, er in entries for s in er.get("per_shift", {})))
-    names = sorted({str(er.get("baseline", "?")) for _, er in entries})
-    table = Table([Cell("candidate"), *(Cell(s, "num") for s in shifts), Cell("shift avg", "num"),
-                   Cell("mean over shifts", "num")])
-    for r, er in entries:
-        per = er.get("per_shift", {})
-        table.rows.append([Cell(r.candidate, "name", r.record_id), *(er_cell(per.get(s)) for s in shifts),
-                           er_cell(er.get(SHIFT_AVG)), er_cell(er.get("mean_per_shift"))])
-    return table, ", ".join(names)
-
-
-def _fit_table(baseline: Baseline) -> Table:
-    table = Table([Cell("fit"), Cell("x → y"), Cell("slope", "num"), Cell("intercept", "num"),
-                   Cell("r", "num"), Cell("n", "num")])
-    for key, fit in baseline.fits.items():
-        table.rows.append([Cell(key), Cell(f"{fit.x_dataset} → {fit.y_dataset}"), Cell(f"{fit.slope:.4f}", "num"),
-                           Cell(f"{fit.intercept:+.4f}", "num"), Cell(f"{fit.r:.4f}", "num"),
-                           Cell(str(fit.n), "num")])
-    return table
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
@@ -177,11 +102,11 @@ def _highlights(records: Sequence[ResultRecord], reference: str, avg_shifts: lis
     scored = [(r.score(reference), r) for r in records if reference in r.metrics]
     if scored:
         v, r = max(scored, key=lambda t: t[0])
-        out.append((f"best {reference} (reference) accuracy", r.candidate, f"{_pct(v)} %"))
+        out.append((f"best {reference} (reference) accuracy", r.candidate, f"{percent(v)} %"))
     scored = [(y, r) for r in records if (y := shift_score(r, SHIFT_AVG, avg_shifts)) is not None]
     if scored:
         v, r = max(scored, key=lambda t: t[0])
-        out.append(("best shift-average accuracy", r.candidate, f"{_pct(v)} %"))
+        out.append(("best shift-average accuracy", r.candidate, f"{percent(v)} %"))
     scored = [(e[SHIFT_AVG], r) for r in records if (e := er.get(r.record_id)) and e.get(SHIFT_AVG) is not None]
     if scored:
         v, r = max(scored, key=lambda t: t[0])
@@ -252,7 +177,7 @@ def render_report(
     # against the report's baseline when there is one, else whatever the records carry
     er_by_id = ({r.record_id: compute_effective_robustness(r, baseline) for r in candidates}
                 if baseline is not None else {r.record_id: r.effective_robustness for r in candidates})
-    er_table, er_baselines = _er_table(candidates, er_by_id)
+    robustness_table, er_baselines = er_table(candidates, er_by_id)
     first = next((r for r in candidates if r.config), candidates[0] if candidates else records[0])
     context = {
         "title": title,
@@ -269,16 +194,18 @@ def render_report(
                     ("axis scale", kind)],
         "highlights": _highlights(candidates, reference, avg_shifts, er_by_id),
         "figures": figures,
-        "accuracy": _accuracy_table(candidates, reference, shifts, avg_shifts,
-                                    with_alpha=any(_alpha(r) is not None for r in candidates)) if candidates else None,
-        "baseline_accuracy": _accuracy_table(sorted(base_records, key=lambda r: r.score(reference)), reference,
+        "accuracy": accuracy_table(candidates, reference, shifts, avg_shifts,
+                                    with_alpha=any(alpha_of(r) is not None for r in candidates)) if candidates else None,
+        "baseline_accuracy": accuracy_table(sorted(base_records, key=lambda r: r.score(reference)), reference,
                                              shifts, avg_shifts,
                                              with_alpha=False) if base_records else None,
         "skipped": _skipped_lines(candidates),
-        "er": er_table,
+        "er": robustness_table,
         "er_baselines": er_baselines,
         "baseline": baseline,
-        "fits": _fit_table(baseline) if baseline is not None else None,
+        "fits": fit_table(baseline) if baseline is not None else None,
+        "alpha_gains": alpha_gain_table(candidates, reference, shifts, avg_shifts),
+        "seeds": seeds_table(candidates, reference, shifts, avg_shifts),
         "config": _flatten(first.config),
         "config_hash": first.config_hash,
         "created": first.created,
