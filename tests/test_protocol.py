@@ -161,3 +161,82 @@ def test_report_of_an_imagenet_run_lists_both_pieces_of_the_imagenet_a_trend():
     pieces = [r for r in rows if r[0].startswith("imagenet-a")]
     assert [r[0] for r in pieces] == ["imagenet-a (x < 91.86 %)", "imagenet-a (x ≥ 91.86 %)"]
     assert [r[5] for r in pieces] == ["33", "51"]
+
+
+# --------------------------------------------------------------------------------------------
+# The WiSE-FT paper's analyses: each against a direct computation on a hand-made example
+# --------------------------------------------------------------------------------------------
+
+def test_prediction_diversity_counts_disagreements_where_exactly_one_is_right():
+    from robustbench_ft.board.analyses import prediction_diversity
+
+    labels = np.array([0, 1, 2, 0])
+    a = np.eye(3)[[0, 1, 0, 1]]   # right, right, wrong, wrong
+    b = np.eye(3)[[0, 2, 2, 2]]   # right, wrong, right, wrong (both wrong on the last, differently)
+    assert prediction_diversity(a, b, labels) == 0.5  # samples 1 and 2
+
+
+def test_cka_complement_is_one_minus_linear_cka_of_centred_features():
+    from robustbench_ft.board.analyses import cka_complement
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 4))
+    assert cka_complement(x, 3.0 * x + 7.0) == pytest.approx(0.0, abs=1e-12)  # invariant to scale and shift
+    q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    assert cka_complement(x, x @ q) == pytest.approx(0.0, abs=1e-12)  # and to rotations
+    y = rng.normal(size=(50, 3))
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    direct = 1 - np.sum((yc.T @ xc) ** 2) / (np.sqrt(np.sum((xc.T @ xc) ** 2)) * np.sqrt(np.sum((yc.T @ yc) ** 2)))
+    assert cka_complement(x, y) == pytest.approx(direct, rel=1e-12)
+
+
+def test_overrides_and_margins_on_a_hand_made_example():
+    from robustbench_ft.board.analyses import overrides
+
+    zs = np.array([[3.0, 1.0], [0.0, 2.0], [5.0, 4.5], [1.0, 0.0]])
+    ft = np.array([[0.0, 4.0], [1.0, 0.0], [0.0, 6.0], [2.0, 1.0]])
+    ens = 0.5 * (zs + ft)          # predictions: 1, 1, 1, 0 — zs: 0, 1, 0, 0; ft: 1, 0, 1, 0
+    out = overrides(zs, ft, ens)   # they disagree on 0, 1, 2; the ensemble sides with zs on 1, with ft on 0 and 2
+    assert out["disagree"] == 0.75 and out["zeroshot_overrides"] == 0.25 and out["zeroshot_overridden"] == 0.5
+    assert out["margin_zeroshot"] == pytest.approx((2 + 2 + 0.5 + 1) / 4)
+    assert out["margin_finetuned"] == pytest.approx((4 + 1 + 6 + 1) / 4)
+    zs2 = np.array([[5.0, 0.0], [0.0, 2.0]])
+    ft2 = np.array([[0.0, 1.0], [0.0, 1.0]])
+    out2 = overrides(zs2, ft2, 0.5 * (zs2 + ft2))  # sample 0: zs is sure and wins
+    assert out2["zeroshot_overrides"] == 0.5 and out2["margin_zeroshot_where_it_overrides"] == 5.0
+
+
+def test_curve_against_chord_on_a_hand_made_curve():
+    from robustbench_ft.board.analyses import curve_against_chord
+
+    out = curve_against_chord({0.0: 0.5, 0.5: 0.8, 1.0: 0.7})
+    assert out["above_chord"] == {"0.5": pytest.approx(0.8 - 0.6)} and out["all_above_chord"]
+    assert out["best_alpha"] == 0.5 and out["beats_both_endpoints"]
+    assert out["best_gain_over_endpoints"] == pytest.approx(0.1)
+    below = curve_against_chord({0.0: 0.5, 0.5: 0.55, 1.0: 0.7})
+    assert not below["all_above_chord"] and not below["beats_both_endpoints"] and below["best_alpha"] == 1.0
+
+
+def test_analyze_a_finished_run_from_its_caches(run_dirs, capsys, monkeypatch):
+    from robustbench_ft.cli import main
+    from robustbench_ft.methods import finetune as finetune_module
+
+    out = run(_wise(run_dirs, alpha="0:1:0.5", select=False), progress=False, log=lambda m: None)
+    trained = []
+    monkeypatch.setattr(finetune_module, "train", lambda *a, **k: trained.append(1))
+    run_dir = out.records_dir
+    assert main(["analyze", str(run_dir)]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "wise-ft/finetune: zero-shot vs fine-tuned" in printed and not trained  # nothing trained again
+    import json
+
+    analysis = json.loads((Path(run_dirs["reports_dir"]) / run_dir.name / "analysis.json").read_text())
+    synth = analysis["curves"]["wise-ft/finetune"]["datasets"]["synth"]
+    assert 0.0 <= synth["prediction_diversity"] <= 1.0 and "cka_complement_features" in synth
+    page = (Path(run_dirs["reports_dir"]) / run_dir.name / "index.html").read_text()
+    assert "what the ensemble combines" in page
+    import shutil
+
+    shutil.rmtree(Path(run_dirs["cache_dir"]) / "checkpoints")
+    assert main(["analyze", str(run_dir)]) == 2
+    assert "rerun `robustbench-ft run` with the same settings first" in capsys.readouterr().err

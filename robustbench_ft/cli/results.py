@@ -83,7 +83,34 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from robustbench_ft.analyze import analyze, write_analysis
+
+    result = analyze(args.run, progress=True)
+    for curve, parts in result["curves"].items():
+        print(f"\n{curve}: zero-shot vs fine-tuned")
+        print(f"  {'dataset':28s} {'PD':>6s} {'CKAC':>6s} {'overrides':>9s} {'overridden':>10s} {'δ_zs−δ_ft':>9s}")
+        for name, d in parts["datasets"].items():
+            print(f"  {name:28s} {100 * d['prediction_diversity']:6.1f} {d['cka_complement_logits']:6.3f} "
+                  f"{100 * d['zeroshot_overrides']:9.1f} {100 * d['zeroshot_overridden']:10.1f} "
+                  f"{d['margin_difference']:9.3f}")
+        for name, c in parts["chord"].items():
+            print(f"  {name:28s} above the chord at every α: {c['all_above_chord']}; best α {c['best_alpha']:g} "
+                  f"{100 * c['best_gain_over_endpoints']:+.1f} pp over the better endpoint")
+    path, page = write_analysis(args.run, result, args.out)
+    print(f"\n(PD and overrides in % of samples; CKAC on logits; margins in logit units)\nanalysis: {path}\n"
+          f"report:   {page}")
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    ap = sub.add_parser("analyze", help="the WiSE-FT paper's analyses of a finished α-curve run (cached models)",
+                        description="Prediction diversity, CKA complement, zero-shot overrides with confidence margins "
+                                    "and the α curve against its chord, for every α curve of the run in RUN.")
+    ap.add_argument("run", type=Path, help="the run's records folder (results/<run>/)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where to write analysis.json (default: the run's report folder, beside its re-rendered report)")
+    ap.set_defaults(handler=cmd_analyze)
     rp = sub.add_parser("report", help="render an HTML report from result records")
     rp.add_argument("results", nargs="+", type=Path, help="record files or directories")
     rp.add_argument("--out", type=Path, required=True)

@@ -120,6 +120,7 @@ class MethodContext:
     data: Mapping[str, str] = field(default_factory=dict)
     progress: bool = True
     log: Callable[[str], None] = print
+    train_missing: bool = True  # False (analyses of a finished run): a checkpoint not in the cache is an error
 
     @property
     def config(self) -> RunConfig:
@@ -168,7 +169,8 @@ class MethodContext:
 
     def sub_context(self, name: str, options: Mapping[str, Any], *, seed: int | None = None) -> "MethodContext":
         """The context of another method under this run's settings (``seed`` replaced where given)."""
-        sub = MethodContext(self.run.sub_run(name, options, seed=seed), self.clip, self.data, self.progress, self.log)
+        sub = MethodContext(self.run.sub_run(name, options, seed=seed), self.clip, self.data, self.progress, self.log,
+                            self.train_missing)
         sub.__dict__["zeroshot"] = self.zeroshot  # share the zero-shot classifier (one text pass)
         return sub
 
@@ -214,6 +216,10 @@ class MethodContext:
             if distributed.world().is_main:
                 state.unlink(missing_ok=True)  # left by a run killed between storing and deleting it
             return Classifier.load(path, device=self.clip.device, expected_model=self.config.model)
+        if not self.train_missing:
+            raise FileNotFoundError(f"no cached {self.run.method.name} checkpoint at {path.with_suffix('.safetensors')}: "
+                                    "the run was not finished with these settings and data, or its cache was removed; "
+                                    "rerun `robustbench-ft run` with the same settings first")
         classifier = train()
         classifier.info.provenance.update({"config_hash": self.run.hash, "method": self.run.method.name})
         if distributed.world().is_main:

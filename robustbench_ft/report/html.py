@@ -21,6 +21,7 @@ from robustbench_ft.report.tables import (
     accuracy_table,
     alpha_gain_table,
     alpha_of,
+    analysis_tables,
     er_table,
     fit_table,
     percent,
@@ -148,6 +149,7 @@ def render_report(
     baseline: Baseline | None = None,
     title: str = DEFAULT_TITLE,
     n_boot: int = 1000,
+    analysis: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``out_dir/index.html`` (self-contained) and ``out_dir/figures/*.png|svg``; return the page.
 
@@ -206,6 +208,7 @@ def render_report(
         "fits": fit_table(baseline) if baseline is not None else None,
         "alpha_gains": alpha_gain_table(candidates, reference, shifts, avg_shifts),
         "seeds": seeds_table(candidates, reference, shifts, avg_shifts),
+        "analysis": analysis_tables(analysis) if analysis else [],
         "config": _flatten(first.config),
         "config_hash": first.config_hash,
         "created": first.created,

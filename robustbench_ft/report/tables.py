@@ -160,3 +160,26 @@ def seeds_table(records: Sequence[ResultRecord], reference: str, shifts: list[st
                 row.append(Cell(f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}", "num"))
         table.rows.append(row)
     return table
+
+
+def analysis_tables(analysis: dict[str, Any]) -> list[tuple[str, Table]]:
+    """(curve, table) per α curve of an analysis (``robustbench_ft.analyze``): one row per dataset."""
+    out = []
+    for curve, parts in analysis.get("curves", {}).items():
+        table = Table([Cell("dataset"), Cell("PD %", "num"), Cell("CKAC logits", "num"), Cell("CKAC features", "num"),
+                       Cell("zs overrides %", "num"), Cell("zs overridden %", "num"), Cell("δ zs − δ ft", "num"),
+                       Cell("above chord", "num"), Cell("best α (gain, pp)", "num")])
+        for name, d in parts.get("datasets", {}).items():
+            chord = parts.get("chord", {}).get(name, {})
+            features = d.get("cka_complement_features")
+            table.rows.append([Cell(name, "name"), Cell(f"{100 * d['prediction_diversity']:.1f}", "num"),
+                               Cell(f"{d['cka_complement_logits']:.3f}", "num"),
+                               Cell("—" if features is None else f"{features:.3f}", "num"),
+                               Cell(f"{100 * d['zeroshot_overrides']:.1f}", "num"),
+                               Cell(f"{100 * d['zeroshot_overridden']:.1f}", "num"),
+                               Cell(f"{d['margin_difference']:+.2f}", "num"),
+                               Cell("yes" if chord.get("all_above_chord") else "no" if chord else "—", "num"),
+                               Cell(f"{chord['best_alpha']:g} ({100 * chord['best_gain_over_endpoints']:+.1f})"
+                                    if chord else "—", "num")])
+        out.append((curve, table))
+    return out
