@@ -5,6 +5,7 @@ The lowest layer with :mod:`robustbench_ft.typed`: it imports nothing of the pac
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import json
 import os
@@ -20,6 +21,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write via a temporary file in the same directory, fsync, then rename: readers see the old
     file or the whole new one, never a truncated one, even if the process is killed mid-write."""
     path = Path(path)
+    if path.is_dir():  # say so for the path given, not for the temporary file beside it
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -57,10 +57,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_shard(args: argparse.Namespace) -> int:
     src, out = args.src or args.src_path, args.out or args.out_path
     if args.format == "imagefolder":
-        wrong = {"--border-crop": args.border_crop, "--allow-count-mismatch": args.allow_count_mismatch or None}
+        wrong = {"--border-crop": args.border_crop, "--allow-count-mismatch": args.allow_count_mismatch or None,
+                 "--split": None if args.split == "test" else args.split}
         where = "dataset conversions (`shard DATASET --src RAW`)"
     else:
-        wrong = {"--name": args.name, "--shuffle-seed": args.shuffle_seed}
+        wrong = {"--name": args.name, "--shuffle-seed": args.shuffle_seed, "--dataset": args.dataset}
         where = "`shard imagefolder` (dataset converters shuffle their training splits themselves)"
     misplaced = [flag for flag, value in wrong.items() if value is not None]
     if misplaced:
@@ -68,12 +69,17 @@ def cmd_shard(args: argparse.Namespace) -> int:
     if args.format == "imagefolder":
         from robustbench_ft.convert.imagefolder import write_imagefolder_shards
 
+        classes = None
+        if args.dataset:
+            from robustbench_ft.datasets.registry import get_dataset
+
+            classes = get_dataset(args.dataset).shard_classes
         if src is None or out is None:
             raise ValueError("shard imagefolder needs SRC and OUT: robustbench-ft shard imagefolder SRC OUT")
         manifest = write_imagefolder_shards(src, out, name=args.name, samples_per_shard=args.samples_per_shard,
                                             resize_shorter=args.resize_shorter, image_format=args.image_format or "jpg",
                                             workers=args.workers, on_bad=args.on_bad, shuffle_seed=args.shuffle_seed,
-                                            progress=True)
+                                            progress=True, classes=classes)
     else:
         from robustbench_ft.convert.engine import convert_dataset
         from robustbench_ft.convert.sources import ConvertOptions
@@ -95,11 +101,18 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from robustbench_ft.datasets.build import check_class_list
+    from robustbench_ft.datasets.registry import get_dataset, list_datasets
     from robustbench_ft.shards.verify import verify_shards
 
     manifest = verify_shards(args.directory, check_hashes=True)
+    # the dataset: named, or the folder above the split's (<data-root>/<dataset>/<split>) if registered
+    name = args.dataset or next((d.name for d in list_datasets() if d.name == Path(args.directory).resolve().parent.name),
+                                None)
+    if name is not None:
+        check_class_list(get_dataset(name), manifest, Path(args.directory))
     print(f"ok: {manifest.num_samples} samples, {len(manifest.classes)} classes, {len(manifest.shards)} shard(s); "
-          "sizes and sha256 match the manifest")
+          "sizes and sha256 match the manifest" + (f"; the classes match dataset {name!r}" if name else ""))
     return 0
 
 
@@ -121,6 +134,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--split", default="test", help="dataset split to convert (default: test)")
     sp.add_argument("--data-root", default=RunConfig.data_root)
     sp.add_argument("--name", default=None, help="shard name prefix (imagefolder)")
+    sp.add_argument("--dataset", default=None,
+                    help="imagefolder: the registered dataset the tree is (its class folders get the dataset's label "
+                         "order, not the alphabetical one)")
     sp.add_argument("--samples-per-shard", type=int, default=1000)
     sp.add_argument("--resize-shorter", type=int, default=None, help="resize so the shorter side is N px")
     sp.add_argument("--image-format", choices=["jpg", "png", "webp", "keep"], default=None,
@@ -138,4 +154,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          "mixed classes; the harness itself trains in a random order either way)")
     vp = sub.add_parser("verify", help="re-check a shard set against its manifest (counts, classes, sha256)")
     vp.add_argument("directory", type=Path)
+    vp.add_argument("--dataset", default=None, help="also check the class list against this registered dataset "
+                                                    "(default: the folder's parent name, if it is one)")
     vp.set_defaults(handler=cmd_verify)

@@ -34,17 +34,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(argv[1:])
         args = build_parser().parse_args(argv)
         return args.handler(args)
-    except (KeyError, ValueError, FileNotFoundError, PermissionError, CheckpointError, ShardError, RecordError,
-            FloatingPointError, ModuleNotFoundError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"robustbench-ft: error: {message}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (KeyError, ValueError, OSError, CheckpointError, ShardError, RecordError, FloatingPointError,
+            ModuleNotFoundError) as exc:
+        print(f"robustbench-ft: error: {_message(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("robustbench-ft: interrupted; finished records are kept and the next run resumes", file=sys.stderr)
         return 130
+
+
+def _message(exc: BaseException) -> str:
+    """One line for a refused input: the error's own words, and for a bare OS error (an output path that
+    is a directory, a file where a folder is needed) which path and what to do."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}; check the path (a file where a file is written, a folder for a folder)"
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 from robustbench_ft.convert.engine import convert_items
 from robustbench_ft.convert.sources import (
@@ -39,12 +40,23 @@ ImageFolderError = ConversionError
 """The source tree has the wrong layout or holds a file that is not a readable image (kept for its name)."""
 
 
-def scan_imagefolder(src: Path) -> tuple[tuple[str, ...], list[SourceItem]]:
-    """Classes and files of ``src`` in torchvision order, with unique keys derived from relative paths."""
+def scan_imagefolder(src: Path, classes: Sequence[str] | None = None) -> tuple[tuple[str, ...], list[SourceItem]]:
+    """Classes and files of ``src``, with unique keys derived from relative paths.
+
+    The class order is torchvision's (folders sorted by name) unless ``classes`` gives it: the class list of
+    a registered dataset, whose label order the shards must follow (a folder tree sorted alphabetically
+    would otherwise give every class another label). Then the folders must be exactly those classes."""
     if not src.is_dir():
         raise ImageFolderError(f"{src} is not a directory; expected an ImageFolder tree SRC/<class>/<image>")
     entries = sorted((e for e in os.scandir(src) if not is_hidden(e.name)), key=lambda e: e.name)
-    classes = tuple(e.name for e in entries if e.is_dir())
+    folders = tuple(e.name for e in entries if e.is_dir())
+    if classes is not None:
+        missing, extra = sorted(set(classes) - set(folders)), sorted(set(folders) - set(classes))
+        if missing or extra:
+            raise ImageFolderError(f"{src}: its class folders are not the dataset's classes: missing {missing[:5]}, "
+                                   f"unexpected {extra[:5]}; name one folder per class exactly as the dataset's "
+                                   "class list does (`robustbench-ft list datasets`)")
+    classes = tuple(classes) if classes is not None else folders
     top_files = [e.name for e in entries if not e.is_dir()]
     if not classes or top_files:
         found = "no files"
@@ -80,6 +92,7 @@ def write_imagefolder_shards(
     on_bad: str = "error",
     shuffle_seed: int | None = None,
     progress: bool = False,
+    classes: Sequence[str] | None = None,
 ) -> Manifest:
     """Convert the ImageFolder tree ``src`` into a shard set in ``out``; returns its manifest.
 
@@ -92,11 +105,12 @@ def write_imagefolder_shards(
     than ``samples_per_shard`` samples where files were skipped).
     ``shuffle_seed``: None keeps torchvision's class-sorted order; an integer permutes the files
     with it first (recorded in the metadata), for training splits (see the module docstring).
+    ``classes``: the label order to follow (a registered dataset's ``shard_classes``; see :func:`scan_imagefolder`).
     """
     options = ConvertOptions(samples_per_shard=samples_per_shard, image_format=image_format, quality=quality,
                              resize_shorter=resize_shorter, workers=workers, on_bad=on_bad, progress=progress)
     src, out = Path(src), Path(out)
-    classes, items = scan_imagefolder(src)
+    classes, items = scan_imagefolder(src, classes)
     name = name if name is not None else sanitise(src.resolve().name)
     if shuffle_seed is not None:
         items = shuffled(items, shuffle_seed)

@@ -126,10 +126,12 @@ def _check_of(array: np.ndarray, labels: np.ndarray) -> dict:
 
 def _problem(array: np.ndarray, labels: np.ndarray, check: dict, rows: int | None) -> str | None:
     """What is wrong with a cache entry, or None."""
-    if array.ndim != 2 or labels.shape != (array.shape[0],):
-        return f"malformed ({array.shape} rows against {labels.shape} labels)"
+    if array.ndim != 2:
+        return f"malformed (an array of shape {array.shape}, not rows of outputs)"
     if rows is not None and array.shape[0] != rows:
         return f"for {array.shape[0]} samples, but the dataset has {rows}"
+    if labels.shape != (array.shape[0],):
+        return f"malformed ({array.shape[0]} rows against {labels.shape} labels)"
     if not isinstance(check, dict) or check.get("shape") != list(array.shape) or check.get("dtype") != str(array.dtype):
         return "not the shape or dtype its check records"
     if check.get("sha256") != _digest(array) or check.get("labels_sha256") != _digest(labels):

@@ -18,7 +18,7 @@ from robustbench_ft.loading.training_batches import labelled_batches
 from robustbench_ft.methods.resolve import ResolvedRun
 from robustbench_ft.methods.training import Checkpointing
 from robustbench_ft.models.classifier import Classifier
-from robustbench_ft.models.clip import LoadedCLIP
+from robustbench_ft.models.clip import CheckpointError, LoadedCLIP
 from robustbench_ft.results import CHOICES, ENDPOINTS, Choice, Endpoint, Placement
 
 
@@ -212,10 +212,15 @@ class MethodContext:
         path = self.checkpoint_path
         state = self.training_checkpoints().path
         if path.with_suffix(".safetensors").is_file() and path.with_suffix(".json").is_file():
-            self.log(f"using cached {self.run.method.name} checkpoint {path.with_suffix('.safetensors')}")
-            if distributed.world().is_main:
-                state.unlink(missing_ok=True)  # left by a run killed between storing and deleting it
-            return Classifier.load(path, device=self.clip.device, expected_model=self.config.model)
+            try:
+                cached = Classifier.load(path, device=self.clip.device, expected_model=self.config.model)
+            except CheckpointError as exc:  # edited, truncated or replaced: never used, trained again
+                self.log(f"warning: ignoring the cached checkpoint ({exc}); training again")
+            else:
+                self.log(f"using cached {self.run.method.name} checkpoint {path.with_suffix('.safetensors')}")
+                if distributed.world().is_main:
+                    state.unlink(missing_ok=True)  # left by a run killed between storing and deleting it
+                return cached
         if not self.train_missing:
             raise FileNotFoundError(f"no cached {self.run.method.name} checkpoint at {path.with_suffix('.safetensors')}: "
                                     "the run was not finished with these settings and data, or its cache was removed; "

@@ -25,7 +25,7 @@ from robustbench_ft.models.clip import (
     read_state_dict,
 )
 from robustbench_ft.models.zeroshot import zeroshot_weights
-from robustbench_ft.util import atomic_write_bytes, atomic_write_text
+from robustbench_ft.util import atomic_write_bytes, atomic_write_text, file_sha256
 
 SIDECAR_FORMAT = "robustbench-ft-classifier"
 
@@ -77,8 +77,10 @@ class Classifier(torch.nn.Module):
 
         weights = Path(path).with_suffix(".safetensors")
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_write_bytes(weights, save(state))
-        sidecar = {"format": SIDECAR_FORMAT, "version": 1, "num_classes": self.num_classes, **asdict(self.info)}
+        data = save(state)
+        atomic_write_bytes(weights, data)
+        sidecar = {"format": SIDECAR_FORMAT, "version": 1, "num_classes": self.num_classes,
+                   "sha256": hashlib.sha256(data).hexdigest(), **asdict(self.info)}
         atomic_write_text(weights.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
         return weights
 
@@ -100,6 +102,9 @@ class Classifier(torch.nn.Module):
         if expected_model is not None and meta["model"] != expected_model:
             raise CheckpointError(f"{weights} is a {meta['model'][:80]!r} classifier (its sidecar says so), but this "
                                   f"run uses --model {expected_model}; pass the matching --model")
+        if "sha256" in meta and file_sha256(weights) != meta["sha256"]:  # sidecars before this check have none
+            raise CheckpointError(f"{weights} is not the file its sidecar describes (its sha256 changed since it was "
+                                  "saved); restore it, or delete both files to recompute them")
         info = ClassifierInfo(meta["model"], meta["classnames"], meta["templates"], meta.get("provenance", {}))
         visual = create_architecture(info.model)[0].visual
         state = read_state_dict(weights)
@@ -126,7 +131,8 @@ def _read_sidecar(sidecar: Path) -> dict[str, Any]:
     strings = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)  # noqa: E731
     if not (isinstance(meta.get("model"), str) and strings(meta.get("classnames")) and strings(meta.get("templates"))
             and isinstance(meta.get("num_classes"), int) and 0 < meta["num_classes"] <= 1_000_000
-            and isinstance(meta.get("provenance", {}), dict)):
+            and isinstance(meta.get("provenance", {}), dict)
+            and isinstance(meta.get("sha256", ""), str)):
         raise CheckpointError(f"{sidecar}: needs 'model' (string), 'classnames' and 'templates' (lists of strings), "
                               f"'num_classes' (a positive integer) and optionally 'provenance' (an object)")
     if meta["model"] not in list_models():

@@ -32,6 +32,7 @@ IMAGE_FORMATS: tuple[str, ...] = ("png", "jpg", "webp")
 # may hold no dot, and no slash either (members are flat). Dataset names prefix shard file names.
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+SHARD_FILE = re.compile(r"[A-Za-z0-9_-]+-\d{6}\.tar")  # what shard_file_name writes: a plain name in the set's folder
 
 
 REBUILD_HINT = (
@@ -102,6 +103,12 @@ class Manifest:
             raise ShardError(f"{path} is malformed ({type(e).__name__}: {e}); {REBUILD_HINT}") from e
         if manifest.image_format not in IMAGE_FORMATS:
             raise ShardError(f"{path}: unknown image_format {manifest.image_format!r}; {REBUILD_HINT}")
+        outside = next((s.name for s in manifest.shards if not SHARD_FILE.fullmatch(s.name)), None)
+        if outside is not None:  # a name with a separator or ".." would make readers open files elsewhere
+            raise ShardError(f"{path}: shard name {outside[:80]!r} is not a file name inside the shard directory "
+                             f"(expected NAME-000000.tar); {REBUILD_HINT}")
+        if len({s.name for s in manifest.shards}) != len(manifest.shards):
+            raise ShardError(f"{path}: a shard is listed twice; {REBUILD_HINT}")
         if sum(s.num_samples for s in manifest.shards) != manifest.num_samples:
             raise ShardError(
                 f"{path}: num_samples={manifest.num_samples} but the shards hold "
