@@ -550,3 +550,18 @@ def test_wilds_suites_default_to_flyps_wilds_recipe():
             opts = resolve(RunConfig(method=method, suite=suite)).options
             assert (opts.epochs, opts.lr, opts.batch_size, opts.warmup_steps) == (20.0, 1e-5, 256, 500)
             assert opts.weight_decay == (0.0 if method == "l2-sp" else 0.2)
+
+
+def test_every_registered_dataset_has_a_protocol_card():
+    """docs/protocol.md says how each dataset is read, split and scored; a new dataset needs its card."""
+    import re
+
+    from robustbench_ft.datasets.registry import list_datasets
+
+    names = [spec.name for spec in list_datasets() if spec.source]  # the datasets tests register name no source
+    text = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    headed = {name for heading in re.findall(r"^### (.+)$", text, flags=re.M)
+              for name in re.findall(r"`([^`]+)`", heading)}
+    assert len(names) >= 20
+    missing = sorted(name for name in names if name not in headed)
+    assert not missing, f"docs/protocol.md has no card for {missing}"
