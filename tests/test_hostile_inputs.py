@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 from pathlib import Path
 
@@ -68,6 +69,16 @@ def test_a_manifest_with_an_extra_class_fails_verify(run_dirs, capsys):
     data["classes"].append("yellow")
     (target / "manifest.json").write_text(json.dumps(data))
     assert main(["verify", str(target)]) == 2
+    assert "it has 4 classes, 'synth-inverted' has 3" in capsys.readouterr().err
+
+    # anywhere else, the dataset the manifest was built for is checked, and an unnamed set says it was not
+    elsewhere = Path(run_dirs["data_root"]).parent / "elsewhere"
+    shutil.copytree(target, elsewhere)
+    assert main(["verify", str(elsewhere)]) == 0
+    assert "class list not checked (no registered dataset named: pass --dataset NAME)" in capsys.readouterr().out
+    data["metadata"] = {**data.get("metadata", {}), "dataset": "synth-inverted"}
+    (elsewhere / "manifest.json").write_text(json.dumps(data))
+    assert main(["verify", str(elsewhere)]) == 2
     assert "it has 4 classes, 'synth-inverted' has 3" in capsys.readouterr().err
 
 
@@ -152,13 +163,15 @@ def test_temporary_files_of_a_killed_run_are_removed_by_the_next_run(run_dirs):
     logits.mkdir(parents=True)
     dead = logits / ".rows-4999999-abcdef012345.tmp.npy"  # a pid no process has
     dead.write_bytes(b"\0" * 1024)
+    dead_earlier = logits / ".0123abcd.npy.4999999-0123456789abcdef.tmp.npy"  # as earlier versions named them
+    dead_earlier.write_bytes(b"\0")
     mine = logits / f".rows-{os.getpid()}-abcdef012345.tmp.npy"
     mine.write_bytes(b"\0")
     from robustbench_ft.evaluation import cache as cache_module
 
     cache_module._cleaned.discard(logits)
     run(_zeroshot(run_dirs), progress=False, log=lambda m: None)
-    assert not dead.exists() and mine.exists()  # a live process's file stays
+    assert not dead.exists() and not dead_earlier.exists() and mine.exists()  # a live process's file stays
 
 
 # --- 4. resource exhaustion ------------------------------------------------------------------------

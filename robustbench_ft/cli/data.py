@@ -106,13 +106,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from robustbench_ft.shards.verify import verify_shards
 
     manifest = verify_shards(args.directory, check_hashes=True)
-    # the dataset: named, or the folder above the split's (<data-root>/<dataset>/<split>) if registered
-    name = args.dataset or next((d.name for d in list_datasets() if d.name == Path(args.directory).resolve().parent.name),
-                                None)
+    # the dataset: named, else the one the manifest was built for, else the folder above the split's
+    # (<data-root>/<dataset>/<split>), whichever is registered
+    registered = {d.name for d in list_datasets()}
+    guesses = (manifest.metadata.get("dataset"), Path(args.directory).resolve().parent.name)
+    name = args.dataset or next((g for g in guesses if isinstance(g, str) and g in registered), None)
     if name is not None:
         check_class_list(get_dataset(name), manifest, Path(args.directory))
     print(f"ok: {manifest.num_samples} samples, {len(manifest.classes)} classes, {len(manifest.shards)} shard(s); "
-          "sizes and sha256 match the manifest" + (f"; the classes match dataset {name!r}" if name else ""))
+          "sizes and sha256 match the manifest" + (f"; the classes match dataset {name!r}" if name else
+                                                   "; class list not checked (no registered dataset named: pass "
+                                                   "--dataset NAME)"))
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from robustbench_ft import distributed
 from robustbench_ft.util import atomic_write_text
 
 _DIGEST_CHUNK = 1 << 24  # bytes of an array hashed at a time (arrays are memory-mapped)
+_TEMPORARY = re.compile(r"^\.(?:rows-|.+\.npy\.)(\d+)-[0-9a-f]+\.tmp\.npy$")  # group 1: the writer's pid
 _cleaned: set[Path] = set()  # cache directories whose stale temporary files this process removed
 
 
@@ -140,16 +142,14 @@ def _problem(array: np.ndarray, labels: np.ndarray, check: dict, rows: int | Non
 
 
 def _remove_stale_temporaries(root: Path) -> None:
-    """Delete ``.rows-<pid>-*.tmp.npy`` files whose writing process is gone (a killed run's)."""
+    """Delete temporary row files whose writing process is gone (a killed run's): ``.rows-<pid>-*.tmp.npy``,
+    and ``.KEY.npy.<pid>-*.tmp.npy`` as earlier versions named them."""
     if root in _cleaned or not root.is_dir():
         return
     _cleaned.add(root)
-    for path in root.glob(".rows-*.tmp.npy"):
-        try:
-            pid = int(path.name.split("-")[1])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not _alive(pid):
+    for path in root.glob(".*.tmp.npy"):
+        match = _TEMPORARY.match(path.name)
+        if match and int(match[1]) != os.getpid() and not _alive(int(match[1])):
             path.unlink(missing_ok=True)
 
 
