@@ -38,6 +38,8 @@ from robustbench_ft.results import (
     software_versions,
     write_record,
 )
+from robustbench_ft.robustness.baseline import baseline_records, load_baseline
+from robustbench_ft.robustness.effective import attach_effective_robustness
 from robustbench_ft.util import silent, slugify, stable_hash
 
 
@@ -136,8 +138,6 @@ def _run(config: RunConfig, *, progress: bool, log: Callable[[str], None]) -> Ru
         for c in pending:
             rec = _record(c, resolved, key, data, scores, timings)
             if baseline is not None:
-                from robustbench_ft.robustness.effective import attach_effective_robustness
-
                 attach_effective_robustness(rec, baseline)
             if distributed.world().is_main:
                 write_record(rec, paths[c.name])
@@ -243,17 +243,12 @@ def _remove_other_records(out_dir: Path, keep: set[Path]) -> None:
 
 
 def _suite_baseline(name: str | None):
-    if name is None:
-        return None
-    from robustbench_ft.robustness.baseline import load_baseline
-
-    return load_baseline(name)
+    return None if name is None else load_baseline(name)
 
 
 def render_run_report(records: list[ResultRecord], resolved: ResolvedRun, name: str | None = None) -> Path:
     """The run's HTML report, with the suite's baseline models drawn behind the candidates."""
-    from robustbench_ft.report import render_report
-    from robustbench_ft.robustness.baseline import baseline_records
+    from robustbench_ft.report import render_report  # matplotlib: imported only when a report is drawn
 
     config, baseline_name = resolved.config, resolved.suite.baseline
     shown = records + (baseline_records(baseline_name) if baseline_name else [])

@@ -244,14 +244,12 @@ def test_imagefolder_keep_copies_source_bytes(tmp_path):
     manifest = write_imagefolder_shards(tmp_path / "src", tmp_path / "out", image_format="keep", workers=1)
 
     assert manifest.image_format == "png" and manifest.metadata["reencoded"] == 1
-    stored = {}
+    members: dict[str, dict[str, bytes]] = {}  # sample key -> extension -> bytes
     with tarfile.open(tmp_path / "out" / manifest.shards[0].name) as tar:
         for member in tar:
-            if member.name.endswith(".json"):
-                path = json.loads(tar.extractfile(member).read())["path"]
-                stored[path] = image_bytes
-            elif member.name.endswith(".png"):
-                image_bytes = tar.extractfile(member).read()
+            key, ext = member.name.split(".", 1)
+            members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    stored = {json.loads(m["json"])["path"]: m["png"] for m in members.values()}
     assert {rel: stored[rel] for rel in originals} == originals
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored["eel/j.png"]))), np.asarray(Image.open(jpg)))
 
