@@ -20,6 +20,7 @@ from robustbench_ft.methods.training import Checkpointing
 from robustbench_ft.models.classifier import Classifier
 from robustbench_ft.models.clip import LoadedCLIP
 from robustbench_ft.results import ENDPOINTS, Endpoint, Placement
+from robustbench_ft.shards.urls import describe, is_url
 
 
 @dataclass
@@ -147,6 +148,11 @@ class MethodContext:
                              "for its choices; declare one in the suite (Suite(val=(dataset, split))) or pick a "
                              "method that does not choose on held-out data")
         dataset, split = self.suite.train if which == "train" else self.suite.val
+        if is_url(self.config.data_root):
+            raise ValueError(f"--data-root {describe(self.config.data_root)} is a URL, but method "
+                             f"{self.run.method.name!r} reads the {which} split ({dataset}/{split}), which is read "
+                             "by position and must be local: keep --data-root a local directory and name the "
+                             "streamed evaluation sets in [data_urls] (dataset = URL)")
         with distributed.main_first():  # under torchrun rank 0 builds it, the others then find it built
             return ensure_dataset(get_dataset(dataset), Path(self.config.data_root), split, log=self.log)
 

@@ -29,12 +29,14 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
-from robustbench_ft.shards.manifest import ShardError
+from robustbench_ft.shards.manifest import MANIFEST_FILE, REBUILD_HINT, Manifest, ShardError
 
 HTTP_TIMEOUT = 60.0  # seconds without a byte before a read fails (webdataset's curl has none)
 STREAM_SCHEMES = ("http", "https", "file")  # what evaluation streams from (no commands from config files)
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _CHUNK = 1 << 20
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\.tar")
+_manifests: dict[str, Manifest] = {}  # URL -> manifest, fetched once per process
 
 
 def scheme(location: str | os.PathLike) -> str | None:
@@ -204,3 +206,25 @@ class HashingReader(io.RawIOBase):
 def _reason(exc: BaseException) -> str:
     text = str(exc.args[0]) if exc.args else type(exc).__name__
     return f"{type(exc).__name__}: {text[:200]}"
+
+
+def load_manifest(location: str | os.PathLike) -> Manifest:
+    """The manifest of the shard set at ``location``: read from a directory, or fetched (once per process)
+    from ``<url>/manifest.json``. A fetched manifest may only name plain shard files beside it."""
+    if not is_url(location):
+        return Manifest.load(location)
+    url = str(location)
+    if url not in _manifests:
+        where = join(url, MANIFEST_FILE)
+        try:
+            text = read_text(where)
+        except FileNotFoundError:
+            raise ShardError(f"no {MANIFEST_FILE} at {describe(where)}: the shard set is not there, or its upload "
+                             f"is incomplete; {REBUILD_HINT}") from None
+        manifest = Manifest.from_json(text, describe(where))
+        odd = next((s.name for s in manifest.shards if not _SHARD_NAME.fullmatch(s.name) or ".." in s.name), None)
+        if odd is not None:
+            raise ShardError(f"{describe(where)} names the shard {odd[:80]!r}; a streamed set's shards are plain "
+                             "NAME.tar files beside its manifest")
+        _manifests[url] = manifest
+    return _manifests[url]
