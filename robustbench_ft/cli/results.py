@@ -113,6 +113,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sb.add_argument("--name", required=True, help="method name (letters, digits, spaces, . _ + ( ) -)")
     sb.add_argument("--paper", required=True, help="URL of the paper")
     sb.add_argument("--code", required=True, help="URL of the code")
-    sb.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file; its sha256 goes in the bundle")
+    sb.add_argument("--checkpoint", default=None,
+                    help="checkpoint file or hf-hub:ORG/REPO[@REVISION][/FILE]; its sha256 goes in the bundle")
     sb.add_argument("--out", type=Path, required=True, help="bundle file to write")
     sb.set_defaults(handler=cmd_submit)

@@ -16,13 +16,14 @@ from robustbench_ft.methods.context import Candidate, MethodContext, alpha_label
 from robustbench_ft.methods.registry import METHOD_ALIASES, register_method
 from robustbench_ft.models.checkpoints import import_checkpoint
 from robustbench_ft.models.classifier import Classifier, interpolate
+from robustbench_ft.models.hub import is_hub
 
 
 @dataclass(frozen=True)
 class WiseFTOptions:
     alpha: Annotated[tuple[float, ...], parse_alphas] = (0.5,)
     base: str = "finetune"            # registered method producing the fine-tuned endpoint (ft, lp: short names)
-    finetuned: str | None = None      # a checkpoint to use as the endpoint instead of training one (see import-checkpoint)
+    finetuned: str | None = None      # a checkpoint (file or hf-hub: reference) to use as the endpoint instead of training one
     base_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -44,7 +45,7 @@ def finetuned_endpoint(ctx: MethodContext, opts: WiseFTOptions) -> tuple[Classif
         if finetuned.info.classnames != ctx.zeroshot.info.classnames:
             raise ValueError(f"--finetuned {opts.finetuned}: its classes differ from the suite's reference classes "
                              f"({finetuned.info.classnames[:3]}... vs {ctx.zeroshot.info.classnames[:3]}...)")
-        return finetuned, f"file:{Path(opts.finetuned).name}"
+        return finetuned, opts.finetuned if is_hub(opts.finetuned) else f"file:{Path(opts.finetuned).name}"
     return ctx.finetuned_endpoint(opts.base, opts.base_options), opts.base
 
 
