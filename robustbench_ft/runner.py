@@ -28,7 +28,7 @@ from robustbench_ft.datasets.build import (
     prepare_suite,
     streamed_locations,
 )
-from robustbench_ft.datasets.registry import get_dataset
+from robustbench_ft.datasets.registry import get_dataset, get_suite
 from robustbench_ft.evaluation.cache import ArrayCache
 from robustbench_ft.evaluation.options import EvalOptions
 from robustbench_ft.evaluation.scoring import SuiteScores, score_suite
@@ -266,3 +266,15 @@ def render_run_report(records: list[ResultRecord], resolved: ResolvedRun) -> Pat
     shown = records + (baseline_records(baseline_name) if baseline_name else [])
     return render_report(shown, Path(config.reports_dir) / resolved.name, baseline=_suite_baseline(baseline_name),
                          title=f"{resolved.method.name} on {config.suite} ({config.model}, {config.pretrained})")
+
+
+def render_grid_report(records: list[ResultRecord], config: RunConfig, name: str) -> Path:
+    """One report of a model grid's records (every pair), with the suite's baseline models behind them."""
+    from robustbench_ft.report import render_report
+    from robustbench_ft.robustness.baseline import baseline_records
+
+    baseline_name = get_suite(config.suite).baseline
+    shown = records + (baseline_records(baseline_name) if baseline_name else [])
+    models = len({(r.model, r.pretrained) for r in records})
+    return render_report(shown, Path(config.reports_dir) / name, baseline=_suite_baseline(baseline_name),
+                         title=f"{config.method} on {config.suite}: {models} models")

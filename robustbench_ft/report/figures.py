@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from robustbench_ft.results import ResultRecord
 from robustbench_ft.robustness.axes import inverse_transform, transform
 from robustbench_ft.robustness.baseline import SHIFT_AVG, Baseline, fit_x, shift_score
-from robustbench_ft.robustness.fits import LinearFit
+from robustbench_ft.robustness.fits import LinearFit, fit_linear
 
 DPI = 110
 FIGSIZE = (5.4, 4.6)
@@ -182,6 +182,7 @@ def scatter_figure(
         handles.append(ax.scatter(T(base_xy[0]), T(base_xy[1]), s=18, color=BASELINE_DOT, edgecolor="white",
                                   lw=0.4, zorder=3, label=f"baseline models ({base_xy.shape[1]})"))
 
+    handles += _zeroshot_trend(ax, cand_pts, kind)
     handles += _draw_candidates(ax, cand_pts, T)
 
     _set_percent_axis(ax, "x", *xlim, kind)
@@ -202,14 +203,43 @@ def scatter_figure(
     return fig
 
 
+MIN_TREND_MODELS = 3  # a zero-shot trend is drawn through at least this many models' zero-shot points
+
+
+def _zeroshot_trend(ax, pts: list[_Point], kind: str) -> list:
+    """The zero-shot models' own trend (a model x pretrained grid): a least-squares line in ``kind``
+    coordinates through one zero-shot point per model, over their x range, as the effective-robustness
+    literature draws zero-shot CLIP models beside the standard-training baseline (Radford et al. 2021,
+    Fig. 13; Taori et al. 2020's fit applied to these points)."""
+    zs = {(p.record.model, p.record.pretrained): p for p in pts if p.endpoint == "zeroshot"}
+    if len(zs) < MIN_TREND_MODELS:
+        return []
+    xs, ys = [p.x for p in zs.values()], [p.y for p in zs.values()]
+    try:
+        fit = fit_linear(xs, ys, kind)
+    except ValueError:  # coincident x values: no slope
+        return []
+    tx = transform(np.asarray(xs), kind)
+    grid = np.linspace(tx.min(), tx.max(), 50)
+    return ax.plot(grid, fit.slope * grid + fit.intercept, ls="--", lw=1.4, color=ZEROSHOT, zorder=3,
+                   label=f"zero-shot trend ({len(zs)} models, r = {fit.r:.2f})")
+
+
+def _curve_key(record: ResultRecord, several_models: bool) -> str:
+    """The curve a point is on: its tag, and in a multi-model report the model (each has its own curve)."""
+    curve = record.tags["curve"]
+    return f"{record.model} {record.pretrained}: {curve}" if several_models else curve
+
+
 def _draw_candidates(ax, pts: list[_Point], T) -> list:
     """Curves (joined in α order, α annotated), endpoints, then other candidates by method."""
     handles: list = []
     curves: dict[str, list[_Point]] = defaultdict(list)
     others: dict[tuple[str, str], list[_Point]] = defaultdict(list)
+    several = len({(p.record.model, p.record.pretrained) for p in pts}) > 1
     for p in pts:
         if isinstance(p.record.tags.get("curve"), str):
-            curves[p.record.tags["curve"]].append(p)
+            curves[_curve_key(p.record, several)].append(p)
         elif p.endpoint is None:
             others[(p.record.kind, p.record.method)].append(p)
 

@@ -66,11 +66,11 @@ def _alpha(record: ResultRecord) -> float | None:
 
 
 def _sort_key(record: ResultRecord) -> tuple:
-    """Curves first (in α order), then everything else by name."""
+    """By model (a grid's records), then curves first (in α order), then everything else by name."""
     curve = record.tags.get("curve")
     alpha = _alpha(record)
-    return (not isinstance(curve, str), str(curve or ""), alpha if alpha is not None else float("inf"),
-            record.method, record.candidate)
+    return (record.model, record.pretrained, not isinstance(curve, str), str(curve or ""),
+            alpha if alpha is not None else float("inf"), record.method, record.candidate)
 
 
 def _single(records: Sequence[ResultRecord], attr: str) -> str:
@@ -85,9 +85,15 @@ def _metric_label(records: Sequence[ResultRecord], dataset: str) -> str:
     return dataset if metric == "top1" else f"{dataset} ({metric})"
 
 
+def model_label(record: ResultRecord) -> str:
+    return f"{record.model} ({record.pretrained})"
+
+
 def _accuracy_table(records: Sequence[ResultRecord], reference: str, shifts: list[str],
                     avg_shifts: list[str], *, with_alpha: bool) -> Table:
-    columns = [Cell("candidate"), Cell("method"), *([Cell("α", "num")] if with_alpha else []),
+    with_model = len({model_label(r) for r in records}) > 1  # a model grid: the candidate names repeat
+    columns = [Cell("candidate"), *([Cell("model")] if with_model else []), Cell("method"),
+               *([Cell("α", "num")] if with_alpha else []),
                Cell(_metric_label(records, reference) + " (ref)", "num"),
                *(Cell(_metric_label(records, s), "num") for s in shifts),
                Cell("shift avg", "num", "mean over " + ", ".join(avg_shifts))]
@@ -97,7 +103,8 @@ def _accuracy_table(records: Sequence[ResultRecord], reference: str, shifts: lis
     table = Table(columns)
     for r, vals in zip(records, values):
         alpha = _alpha(r)
-        row = [Cell(r.candidate, "name", r.record_id), Cell(r.method)]
+        row = [Cell(r.candidate, "name", r.record_id), *([Cell(model_label(r))] if with_model else []),
+               Cell(r.method)]
         if with_alpha:
             row.append(Cell("" if alpha is None else f"{alpha:g}", "num"))
         row += [Cell(_pct(v), "num" + (" best" if v is not None and v == b and len(records) > 1 else ""))
@@ -262,7 +269,8 @@ def render_report(
         "shifts": shifts,
         "avg_shifts": avg_shifts,
         "transform": kind,
-        "summary": [("suite", suite), ("model", f"{first.model} ({first.pretrained})"), ("reference", reference),
+        "summary": [("suite", suite), ("model", ", ".join(dict.fromkeys(model_label(r) for r in candidates))
+                                       or model_label(first)), ("reference", reference),
                     ("shifts", ", ".join(shifts) or "—"), ("candidates", str(len(candidates))),
                     ("baseline models", str(len(base_records)) if base_records else "—"),
                     ("baseline", baseline.name if baseline is not None else "none"),
