@@ -212,9 +212,39 @@ def _record(c: Candidate, resolved: ResolvedRun, key: str, data: dict[str, str],
         config_hash=resolved.hash,
         versions=software_versions(),
         timings={**{k: round(v, 3) for k, v in timings.items()},
-                 **{f"eval_{n}": round(s, 3) for n, s in scores.seconds.items()}},
-        created=now_iso(), skipped_samples=scores.skipped, data=data,
+                 **{f"eval_{n}": round(s, 3) for n, s in scores.seconds.items()}, **_training_timings(c)},
+        created=now_iso(), skipped_samples=scores.skipped, data=data, training=_training_of(c),
     )
+
+
+# Facts of one execution rather than of the training (a resumed run has others, the same curve and
+# weights): they go to the record's timings, as train_peak_<kind>_mb and train_resumed_from_step.
+_EXECUTION_FACTS = ("peak_memory_bytes", "peak_memory_kind", "resumed_from_step", "curve_file")
+_PEAK_KEYS = {"cuda_max_allocated": "train_peak_cuda_allocated_mb", "process_max_rss": "train_peak_process_rss_mb"}
+
+
+def _training_provenance(c: Candidate) -> dict:
+    info = getattr(c.classifier, "info", None)
+    training = getattr(info, "provenance", {}).get("training") if info is not None else None
+    return training if isinstance(training, dict) else {}
+
+
+def _training_of(c: Candidate) -> dict:
+    """How the candidate's classifier was trained (its provenance from :func:`methods.training.train`), or {}:
+    global batch, accumulation, devices, steps, the curve. Not the curve file's local path (the record
+    carries the curve itself) nor the facts of one execution (see :func:`_training_timings`)."""
+    return _as_json({k: v for k, v in _training_provenance(c).items() if k not in _EXECUTION_FACTS})
+
+
+def _training_timings(c: Candidate) -> dict[str, float]:
+    """Peak memory of the candidate's training (MiB; CUDA: most allocated on the device, CPU: the process's
+    peak resident size) and the step a resumed training started from, for the record's timings."""
+    training, out = _training_provenance(c), {}
+    if isinstance(training.get("peak_memory_bytes"), int) and training.get("peak_memory_kind") in _PEAK_KEYS:
+        out[_PEAK_KEYS[training["peak_memory_kind"]]] = round(training["peak_memory_bytes"] / 2 ** 20, 1)
+    if isinstance(training.get("resumed_from_step"), int):
+        out["train_resumed_from_step"] = training["resumed_from_step"]
+    return out
 
 
 def _shareable(config: RunConfig) -> dict:

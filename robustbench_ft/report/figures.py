@@ -282,6 +282,30 @@ def _draw_candidates(ax, pts: list[_Point], T) -> list:
     return handles
 
 
+TRAIN_PANELS = (("loss", "training loss", "#1f6fb4"), ("lr", "learning rate", "#2a9d8f"),
+                ("grad_norm", "gradient norm (before clipping)", "#d1495b"))
+
+
+def training_figure(curve: dict, title: str) -> Figure:
+    """A fine-tuning run's curve (``ResultRecord.training["curve"]``): loss, learning rate and gradient norm
+    against the optimisation step, one panel each."""
+    fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * 1.15), dpi=DPI)
+    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.1, top=0.92, hspace=0.35)
+    axes = fig.subplots(len(TRAIN_PANELS), 1, sharex=True)
+    steps = np.asarray(curve["step"], dtype=float)
+    for ax, (key, label, color) in zip(axes, TRAIN_PANELS):
+        values = np.asarray([np.nan if v is None else v for v in curve[key]], dtype=float)
+        ax.plot(steps, values, color=color, lw=1.2)
+        ax.set_ylabel(label, fontsize=7.5)
+        ax.grid(True, color="#e6e8eb", lw=0.6)
+        ax.tick_params(labelsize=7)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    axes[-1].set_xlabel("optimisation step", fontsize=8)
+    axes[0].set_title(mpl_text(title, MAX_AXIS_LABEL), fontsize=10, loc="left")
+    return fig
+
+
 def figure_bytes(fig: Figure) -> tuple[bytes, bytes]:
     """(PNG, SVG) encodings of ``fig``; the SVG is deterministic (no date, fixed id salt) so that
     re-rendering unchanged results gives identical files."""
