@@ -1,4 +1,4 @@
-"""Streaming evaluation: images/s of a pass over shards streamed over loopback HTTP vs the same local files (target >= 0.9x).
+"""Streaming evaluation: images/s streamed over loopback HTTP vs from the same local files (target >= 0.9x).
 
 One run, one synthetic JPEG shard set (ImageNet-sized images, see ``_common``), served by a separate
 ``python -m http.server`` process on 127.0.0.1 (a server in this process would compete for its

@@ -263,7 +263,8 @@ def check_tensorboard(directory: str) -> None:
     except ImportError:
         raise ModuleNotFoundError(f"--tensorboard {directory}: TensorBoard event files need the tensorboard package, "
                                   "which is optional and not installed (pip install tensorboard); the fine-tuning "
-                                  "curves are stored beside each checkpoint and shown in the report without it") from None
+                                  "curves are stored beside each checkpoint and shown in the report without it"
+                                  ) from None
     check_writable(Path(directory), "tensorboard")
 
 

@@ -2,11 +2,11 @@
 in the records and the report; TensorBoard only when the package is there."""
 from __future__ import annotations
 
-import json
 import sys
 import types
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -44,7 +44,7 @@ def _train(tmp_path: Path, objective, **kw) -> dict:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 3))
     cfg = OptimConfig(lr=1e-2, weight_decay=0.1, warmup_steps=2, grad_clip=kw.pop("grad_clip", 1.0), total_steps=7)
-    keep = Checkpointing(tmp_path / "run.training.pt", every=2, curve=tmp_path / "run.curve.json")
+    keep = Checkpointing(tmp_path / "run.training.pt", every=2, curve=tmp_path / "run.curve.csv")
     return train(model, _Data(), cfg, objective, device=torch.device("cpu"), progress=False, checkpointing=keep,
                  log=lambda m: None, **kw)
 
@@ -53,13 +53,13 @@ def test_a_resumed_run_has_the_whole_curve_of_an_uninterrupted_one(tmp_path):
     whole = _train(tmp_path / "a", mean_loss(cross_entropy()))
     with pytest.raises(RuntimeError, match="stop"):
         _train(tmp_path / "b", _stop_at(mean_loss(cross_entropy()), 5))  # killed after the state of step 4
-    partial = json.loads((tmp_path / "b" / "run.curve.json").read_text())
-    assert partial["step"] == [0, 1, 2, 3]  # written with each resumable state
+    partial = pd.read_csv(tmp_path / "b" / "run.curve.csv")
+    assert partial.step.tolist() == [0, 1, 2, 3]  # written with each resumable state
     resumed = _train(tmp_path / "b", mean_loss(cross_entropy()))
     assert resumed["resumed_from_step"] == 4
     assert resumed["curve"] == whole["curve"] and resumed["curve"]["step"] == list(range(7))
-    on_disk = json.loads((tmp_path / "b" / "run.curve.json").read_text())
-    assert {k: on_disk[k] for k in ("step", "loss", "lr", "grad_norm")} == whole["curve"]
+    on_disk = pd.read_csv(tmp_path / "b" / "run.curve.csv")
+    assert {k: on_disk[k].tolist() for k in ("step", "loss", "lr", "grad_norm")} == whole["curve"]
     assert whole["curve"]["lr"][:2] == [5e-3, 1e-2] and all(g > 0 for g in whole["curve"]["grad_norm"])
     assert whole["global_batch"] == 4 and whole["devices"] == 1 and whole["accum_steps"] == 1
     assert whole["peak_memory_bytes"] > 0 and whole["peak_memory_kind"] == "process_max_rss"
@@ -81,8 +81,8 @@ def test_a_finetune_run_records_how_it_trained_and_its_report_draws_the_curve(ru
     assert len(facts["curve"]["step"]) == facts["steps"] == 6 and "curve_file" not in facts
     assert by_name["wise-ft α=0.50"].training == facts and "peak_memory_bytes" not in facts
     assert by_name["finetune"].timings["train_peak_process_rss_mb"] > 0
-    (curve_file,) = (Path(run_dirs["cache_dir"]) / "checkpoints").glob("finetune-*.curve.json")
-    assert curve_file.with_name(curve_file.name.replace(".curve.json", ".safetensors")).is_file()
+    (curve_file,) = (Path(run_dirs["cache_dir"]) / "checkpoints").glob("finetune-*.curve.csv")
+    assert curve_file.with_name(curve_file.name.replace(".curve.csv", ".safetensors")).is_file()
     stored = {r.candidate: r for r in load_records([outcome.records_dir])}
     assert stored["finetune"].training == facts
     page = outcome.report.read_text()

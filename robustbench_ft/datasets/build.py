@@ -159,7 +159,8 @@ def _locate(spec: DatasetSpec, root: Path, split: str, log, damaged_ok: bool) ->
     return target
 
 
-def prepare_suite(suite: Suite, root: Path, *, processes: int = 1, log=print, streamed: Collection[str] = ()) -> list[str]:
+def prepare_suite(suite: Suite, root: Path, *, processes: int = 1, log=print,
+                  streamed: Collection[str] = ()) -> list[str]:
     """Build, ``processes`` at a time, every split of ``suite`` the harness can build that is not built.
 
     Builders are CPU-bound Python (image encoding, tar writing), so splits are built in forked worker

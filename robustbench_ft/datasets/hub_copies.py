@@ -179,7 +179,8 @@ def fmow_region_names(region_names: Sequence[str] | None, wilds_metadata: str | 
 
 def _csv(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
     if not path.is_file():
-        raise ConversionError(f"import-wds fmow-ood: {path} does not exist (--fmow-metadata names the fmow_v1.1 folder)")
+        raise ConversionError(f"import-wds fmow-ood: {path} does not exist (--fmow-metadata names the fmow_v1.1 "
+                              "folder)")
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in columns if c not in (reader.fieldnames or ())]
@@ -207,7 +208,8 @@ def metadata_of(copy: HubCopy, regions: tuple[str, ...] | None) -> Callable[[Wds
     if copy.metadata == "iwildcam":
         def iwildcam(sample: WdsSample) -> dict:
             v = _row(sample, IWILDCAM_FIELDS, copy)
-            stamp = f"{v['year']:04d}-{v['month']:02d}-{v['day']:02d} {v['hour']:02d}:{v['minute']:02d}:{v['second']:02d}"
+            stamp = (f"{v['year']:04d}-{v['month']:02d}-{v['day']:02d} "
+                     f"{v['hour']:02d}:{v['minute']:02d}:{v['second']:02d}")
             return {"location": v["location"], "sequence": v["sequence"], "datetime": stamp, "wilds_split": "test"}
         return iwildcam
     if copy.metadata == "fmow":

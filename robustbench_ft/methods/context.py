@@ -199,12 +199,12 @@ class MethodContext:
 
     def training_checkpoints(self) -> Checkpointing:
         """Where training saves its resumable state every ``config.checkpoint_every`` steps, its curve
-        (``<stem>.curve.json`` beside the classifier) and, with ``--tensorboard DIR``, its event files
+        (``<stem>.curve.csv`` beside the classifier) and, with ``--tensorboard DIR``, its event files
         (``DIR/<stem>/``)."""
         stem = self.checkpoint_path
         board = None if self.config.tensorboard is None else Path(self.config.tensorboard) / stem.name
         return Checkpointing(stem.with_suffix(".training.pt"), self.config.checkpoint_every,
-                             stem.with_suffix(".curve.json"), board)
+                             stem.with_suffix(".curve.csv"), board)
 
     def cached_classifier(self, train: Callable[[], Classifier]) -> Classifier:
         """Load this run's trained classifier from the checkpoint cache, or train and store it.

@@ -5,8 +5,8 @@ and hands it to a :class:`TrainingLog`, which
 
 * keeps the whole curve in each resumable training state (so a resumed run's curve is whole: the
   steps before the resume come back from the state it resumes from, those after are appended),
-* writes it as ``<checkpoint stem>.curve.json`` beside the classifier it trains, atomically, with
-  each resumable state and at the end,
+* writes it as ``<checkpoint stem>.curve.csv`` (step, loss, lr, grad_norm) beside the classifier it
+  trains, atomically, with each resumable state and at the end,
 * optionally writes TensorBoard event files (``--tensorboard DIR``: ``DIR/<checkpoint stem>/``, scalars
   ``train/loss``, ``train/lr``, ``train/grad_norm``) when the ``tensorboard`` package is importable
   (the harness does not depend on it; the runner refuses the flag with a clear message without it).
@@ -18,7 +18,6 @@ kept) travels with the trained classifier's provenance into result records, wher
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,10 +94,12 @@ class TrainingLog:
                 self._writer.add_scalar(f"train/{name}", value, step)
 
     def save(self) -> None:
-        """Write the curve file (with each resumable state, and at the end)."""
+        """Write the curve file (with each resumable state, and at the end): CSV with a header, one row a step,
+        an empty grad_norm where it was not finite; ``pandas.read_csv`` reads it."""
         if self.write and self.path is not None:
-            atomic_write_text(self.path, json.dumps({"format": "robustbench-ft-training-curve", "version": 1,
-                                                     **self.curve.to_dict()}) + "\n")
+            rows = zip(*(getattr(self.curve, f) for f in FIELDS))
+            atomic_write_text(self.path, ",".join(FIELDS) + "\n" + "".join(
+                ",".join("" if v is None else repr(v) for v in row) + "\n" for row in rows))
         if self._writer is not None:
             self._writer.flush()
 

@@ -100,7 +100,8 @@ def _fetch(ref: HubRef, filename: str | None) -> HubFile:
         path = Path(download_pretrained_from_hf(ref.repo, filename=filename, revision=ref.revision))
     except (FileNotFoundError, RuntimeError, ValueError, OSError) as exc:
         raise HubError(f"{ref}: cannot get {filename or 'its open_clip weights'} ({str(exc).splitlines()[0][:300]}); "
-                       "with HF_HUB_OFFLINE=1 the file must be in the hub cache (HF_HUB_CACHE, or HF_HOME/hub)") from None
+                       "with HF_HUB_OFFLINE=1 the file must be in the hub cache (HF_HUB_CACHE, or HF_HOME/hub)"
+                       ) from None
     commit = next((d.name for d in path.parents if d.parent.name == "snapshots"), None)  # snapshots/<commit>/...
     return HubFile(ref, path, file_sha256(path), commit)
 
