@@ -136,6 +136,10 @@ def test_wilds_copies_turn_npy_rows_into_the_metadata_the_metrics_read(tmp_path)
     labels = [0, 1, 181, 5]
     src = _copy(tmp_path / "wds_wilds-iwildcam_test", "iwildcam-ood", labels, npy=_iwildcam_rows(labels))
     import_hub_copy(src, tmp_path / "iw", "iwildcam-ood", options=OPTS, log=lambda m: None)
+    with serve(tmp_path) as url:  # DataComp's layout over HTTP too: the same shards, byte for byte
+        import_hub_copy(f"{url}/wds_wilds-iwildcam_test", tmp_path / "iw-http", "iwildcam-ood", options=OPTS,
+                        log=lambda m: None)
+    assert _shards(tmp_path / "iw") == _shards(tmp_path / "iw-http")
     metas = [meta for _, _, _, meta in ShardDataset(tmp_path / "iw", with_meta=True)]
     assert metas[1] == {"path": "test/0.tar:s0000001.webp", "location": 11, "sequence": 101,
                         "datetime": "2013-06-05 04:03:02", "wilds_split": "test"}
