@@ -69,6 +69,11 @@ def test_import_over_http_equals_a_local_import_byte_for_byte(tmp_path):
     assert source.provenance() == {"url": source.given, "hub_repo": "clip-benchmark/wds_imagenet-r",
                                    "revision": rev, "pinned": True}
     assert not WdsSource.parse("https://huggingface.co/datasets/a/b/resolve/main").provenance()["pinned"]
+    # a pipe: command ({} = the file's path under the prefix) reads the same bytes; a failing one is named
+    piped = import_hub_copy(f"pipe:cat {src}/{{}}", tmp_path / "piped", "imagenet-r", options=OPTS, log=lambda m: None)
+    assert _shards(tmp_path / "piped") == _shards(tmp_path / "local") and piped.content_hash() == local.content_hash()
+    with pytest.raises(ShardError, match=r"pipe:cat .*nowhere/classnames.txt 2>/dev/null: the command exited with status 1"):
+        import_hub_copy(f"pipe:cat {tmp_path}/nowhere/{{}} 2>/dev/null", tmp_path / "p2", "imagenet-r", options=OPTS)
 
 
 def test_objectnet_copy_gets_the_two_pixel_border_cut_losslessly(tmp_path):

@@ -173,11 +173,14 @@ def _download(source: WdsSource, name: str, staging: Path) -> SourceShard:
     partial = path.with_name(path.name + ".partial")
     url = source.file(name)
     try:
-        with urls.open_url(url) as stream, open(partial, "wb") as out:
-            reader = urls.HashingReader(stream, str(url))
-            while chunk := reader.read(1 << 20):
-                out.write(chunk)
+        reader = urls.HashingReader(urls.open_url(url), str(url))  # closing it checks a pipe: command's status
+        try:
+            with open(partial, "wb") as out:
+                while chunk := reader.read(1 << 20):
+                    out.write(chunk)
             size, digest = reader.finish()
+        finally:
+            reader.close()
     except FileNotFoundError:
         partial.unlink(missing_ok=True)
         raise ConversionError(f"import-wds: {urls.describe(url)} is missing (nshards.txt lists it)") from None

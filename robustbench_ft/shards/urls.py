@@ -128,9 +128,10 @@ def _open_http(url: str, timeout: float) -> BinaryIO:
 
 def read_bytes(location: str | os.PathLike, limit: int = 64 << 20) -> bytes:
     """The whole (small) file at ``location``: manifests, class lists, counts; at most ``limit`` bytes."""
-    with open_url(location) as stream:
-        reader = HashingReader(stream, str(location))
+    reader = HashingReader(open_url(location), str(location))  # it closes the stream, naming a failed command
+    try:
         data = reader.read(limit + 1)
+    finally:
         reader.close()
     if len(data) > limit:
         raise ShardError(f"{describe(location)} is larger than {limit} bytes; is it the right file?")
@@ -204,6 +205,9 @@ class HashingReader(io.RawIOBase):
 
 
 def _reason(exc: BaseException) -> str:
+    status = re.search(r": exit (-?\d+) \(read\)", str(exc))  # a webdataset Pipe whose command failed
+    if status:
+        return f"the command exited with status {status.group(1)}"
     text = str(exc.args[0]) if exc.args else type(exc).__name__
     return f"{type(exc).__name__}: {text[:200]}"
 
