@@ -27,9 +27,10 @@ RUN_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+=-]{{0,{MAX_RUN_NAME - 1}}}")
 # on_bad_sample too: it changes nothing on intact data (a skip-mode run must not retrain a cached
 # checkpoint), and a record that skipped samples says so itself (ResultRecord.skipped_samples).
 # decode too: its paths agree within one grey level (docs/performance.md); draft_factor does not, so it counts.
-NOT_HASHED = frozenset({"data_root", "cache_dir", "results_dir", "reports_dir", "eval_batch_size", "workers",
-                        "device", "run_name", "report", "trust_pickle", "on_bad_sample", "checkpoint_every",
-                        "decode", "compile", "overwrite", "method_options", "seeds"})
+# data_urls too: where shards are read from does not change them (records and caches key on their content).
+NOT_HASHED = frozenset({"data_root", "data_urls", "cache_dir", "results_dir", "reports_dir", "eval_batch_size",
+                        "workers", "device", "run_name", "report", "trust_pickle", "on_bad_sample",
+                        "checkpoint_every", "decode", "compile", "overwrite", "tensorboard", "method_options", "seeds"})
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,10 @@ class RunConfig:
     method: str = "wise-ft"
     method_options: dict[str, Any] = field(default_factory=dict)  # validated by the method's options dataclass
     suite: str = "demo"
-    data_root: str = "datasets"
+    data_root: str = "datasets"    # a directory, or an http(s):// URL under which <dataset>/test/ are streamed
+    # dataset -> URL of its test split's shard directory (manifest.json + shards), streamed and hash-checked;
+    # a TOML [data_urls] table, or --data-urls name=URL,name=URL
+    data_urls: dict[str, str] = field(default_factory=dict)
     cache_dir: str = ".cache/robustbench-ft"
     results_dir: str = "results"
     reports_dir: str = "reports"
@@ -59,6 +63,7 @@ class RunConfig:
 
     overwrite: bool = False        # a --run-name already used by another config: replace its records
     seeds: tuple[int, ...] | None = None  # run once per seed (each its own training); None: just `seed`
+    tensorboard: str | None = None  # also write fine-tuning curves as TensorBoard events under this directory
 
     def __post_init__(self) -> None:
         check_fields(self)  # every source (TOML, Python, CLI) is held to the declared types

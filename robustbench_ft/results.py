@@ -9,7 +9,9 @@ consistency of counts and averages are checked before it reaches a board or a re
 Schema versions: 2 added ``summary`` (aggregates a paper reports without their parts, e.g. a mean
 over five shifts) and the ``submitted`` kind; 3 added ``skipped_samples`` (what a run with
 ``--on-bad-sample skip`` left out); 4 added ``data`` (the manifest hashes of the shard sets scored and
-trained on). Older files load unchanged (empty summary, nothing skipped, no data identity).
+trained on) and, optional within version 4, ``training`` (how a trained candidate was trained, with
+its loss / lr / gradient-norm curve). Older files load unchanged (empty summary, nothing skipped, no
+data identity, no training facts).
 """
 from __future__ import annotations
 
@@ -100,6 +102,11 @@ class ResultRecord:
     # The data it was scored on: "dataset/split" -> the shard set's manifest content hash (see
     # datasets.build.data_identity); part of record_id, so changed shards are never served this record.
     data: dict[str, str] = field(default_factory=dict)
+    # How a trained candidate was trained (optional, within schema 4): steps, epochs, final_loss,
+    # global_batch, accum_steps, micro_batch (per device and micro-step), devices, device_type, and
+    # "curve": {"step", "loss", "lr", "grad_norm"} lists (at most 200 points; see methods.curves). {} if
+    # none. Its peak memory is in ``timings`` (train_peak_cuda_allocated_mb / train_peak_process_rss_mb).
+    training: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def score(self, dataset: str) -> float:
@@ -176,8 +183,9 @@ class ResultRecord:
             raise RecordError(f"{source}: field 'summary' needs schema_version 2 (the file says 1)")
         if version < 3 and data.get("skipped_samples"):
             raise RecordError(f"{source}: field 'skipped_samples' needs schema_version 3 (the file says {version})")
-        if version < 4 and data.get("data"):
-            raise RecordError(f"{source}: field 'data' needs schema_version 4 (the file says {version})")
+        for name in ("data", "training"):
+            if version < 4 and data.get(name):
+                raise RecordError(f"{source}: field {name!r} needs schema_version 4 (the file says {version})")
         _check_types(data, source)
         _check_values(data, source)
         record = cls(**{**data, "schema_version": SCHEMA_VERSION})
@@ -241,12 +249,40 @@ def _check_types(data: dict[str, Any], source: str) -> None:
     identity = data.get("data", {})
     if not isinstance(identity, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in identity.items()):
         raise RecordError(f"{source}: field 'data' must be an object of \"dataset/split\" -> manifest hash (strings)")
+    _check_training(data.get("training", {}), source)
     skipped = data.get("skipped_samples", {})
     if not isinstance(skipped, dict) or not all(
             isinstance(e, dict) and isinstance(e.get("count"), int) and not isinstance(e["count"], bool)
             and e["count"] >= 0 and isinstance(e.get("events", []), list) for e in skipped.values()):
         raise RecordError(f"{source}: field 'skipped_samples' must be an object of dataset -> "
                           f"{{'count': whole number, 'events': [...]}}")
+
+
+MAX_CURVE_POINTS = 10_000
+
+
+def _check_training(training: Any, source: str) -> None:
+    """``training``: an object of numbers, strings, booleans or nulls, and a ``curve`` of equal-length lists
+    of numbers (grad_norm may hold nulls), so that a report can draw it whoever wrote the file."""
+    where = f"{source}: field 'training'"
+    if not isinstance(training, dict):
+        raise RecordError(f"{where} must be an object")
+    for key, value in training.items():
+        if key == "curve":
+            continue
+        if not (value is None or isinstance(value, (str, bool)) or _is_number(value)):
+            raise RecordError(f"{where}[{str(key)[:40]!r}] must be a number, string, boolean or null")
+    curve = training.get("curve")
+    if curve is None:
+        return
+    names = ("step", "loss", "lr", "grad_norm")
+    if not isinstance(curve, dict) or set(curve) != set(names) or not all(isinstance(curve[k], list) for k in names) \
+            or len({len(curve[k]) for k in names}) != 1 or len(curve["step"]) > MAX_CURVE_POINTS:
+        raise RecordError(f"{where}['curve'] must be an object of {'/'.join(names)} lists of one length "
+                          f"(at most {MAX_CURVE_POINTS})")
+    for k in names:
+        if not all(_is_number(v) or (k == "grad_norm" and v is None) for v in curve[k]):
+            raise RecordError(f"{where}['curve'][{k!r}] must hold finite numbers")
 
 
 COUNT_PREFIXES = ("n@", "num_")  # with "n": metrics entries that are counts, not scores in [0, 1]
@@ -380,3 +416,35 @@ def records_to_frame(records: Iterable[ResultRecord]):
                 "score": r.score(ds), **{f"tag_{k}": v for k, v in r.tags.items()},
             })
     return pd.DataFrame(rows)
+
+
+EXPORT_COLUMNS = ("model", "pretrained", "method", "candidate", "dataset", "metric", "value", "suite", "seed",
+                  "record_id", "kind")
+
+
+def records_to_table(records: Iterable[ResultRecord]):
+    """Flat pandas DataFrame of every number in ``records`` (``robustbench-ft export``), one row each.
+
+    Columns :data:`EXPORT_COLUMNS`: every ``metrics[dataset][metric]`` entry (scores as fractions,
+    counts as whole numbers), a record's reported aggregates (``summary``: dataset = the aggregate's
+    name, e.g. ``shift-avg``), and its effective robustness (metric ``effective_robustness``, dataset =
+    the shift or ``shift-avg``); ``seed`` from the run config (empty for records without one).
+    """
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        seed = r.config.get("seed") if isinstance(r.config.get("seed"), int) else None
+        base = {"model": r.model, "pretrained": r.pretrained, "method": r.method, "candidate": r.candidate,
+                "suite": r.suite, "seed": seed, "record_id": r.record_id, "kind": r.kind}
+        for ds, values in r.metrics.items():
+            rows += [{**base, "dataset": ds, "metric": m, "value": v} for m, v in values.items()]
+        rows += [{**base, "dataset": key, "metric": e["metric"], "value": e["value"]} for key, e in r.summary.items()]
+        er = r.effective_robustness or {}
+        per_shift = er.get("per_shift") if isinstance(er.get("per_shift"), dict) else {}
+        for ds, v in [*per_shift.items(), ("shift-avg", er.get("shift-avg"))]:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                rows.append({**base, "dataset": ds, "metric": "effective_robustness", "value": v})
+    frame = pd.DataFrame(rows, columns=list(EXPORT_COLUMNS))
+    frame["seed"] = frame["seed"].astype("Int64")  # whole numbers, empty where a record has no seed
+    return frame

@@ -21,8 +21,14 @@ import torch
 
 from robustbench_ft import distributed
 from robustbench_ft.config import RunConfig
-from robustbench_ft.datasets.build import data_identity, ensure_dataset, prepare_suite
-from robustbench_ft.datasets.registry import get_dataset
+from robustbench_ft.datasets.build import (
+    data_identity,
+    ensure_dataset,
+    ensure_streamed,
+    prepare_suite,
+    streamed_locations,
+)
+from robustbench_ft.datasets.registry import get_dataset, get_suite
 from robustbench_ft.evaluation.cache import ArrayCache
 from robustbench_ft.evaluation.options import EvalOptions
 from robustbench_ft.evaluation.scoring import SuiteScores, score_suite
@@ -40,6 +46,7 @@ from robustbench_ft.results import (
 )
 from robustbench_ft.robustness.baseline import baseline_records, load_baseline
 from robustbench_ft.robustness.effective import attach_effective_robustness
+from robustbench_ft.shards.urls import describe, is_url
 from robustbench_ft.util import silent, slugify, stable_hash
 
 
@@ -100,17 +107,25 @@ def _run(config: RunConfig, *, progress: bool, log: Callable[[str], None]) -> Ru
     suite = resolved.suite
     resolve_weights(config.model, config.pretrained)  # reject a bad model or tag before writing anything
     resolve_device(config.device)
-    for flag in ("data_root", "cache_dir", "results_dir") + (("reports_dir",) if config.report else ()):
+    streamed = streamed_locations(suite, config.data_root, config.data_urls)  # refuses a bad URL or name here
+    local = not is_url(config.data_root)
+    outputs = (("data_root",) if local else ()) + ("cache_dir", "results_dir") + (("reports_dir",) if config.report
+                                                                                 else ())
+    for flag in outputs:
         check_writable(Path(getattr(config, flag)), flag)
+    if config.tensorboard is not None:
+        check_tensorboard(config.tensorboard)
     out_dir = Path(config.results_dir) / resolved.name
     claim_run_dir(out_dir, resolved)
     specs = {name: get_dataset(name) for name in suite.eval_datasets}
     root = Path(config.data_root)
     skip = config.on_bad_sample == "skip"
     with distributed.main_first():  # rank 0 builds what is missing, the others then find it
-        prepare_suite(suite, root, processes=max(1, config.workers), log=log)
-        dirs = {name: ensure_dataset(spec, root, "test", log=log, damaged_ok=skip) for name, spec in specs.items()}
-    data = data_identity(suite, root)
+        if local:
+            prepare_suite(suite, root, processes=max(1, config.workers), log=log, streamed=streamed)
+        dirs = {name: ensure_streamed(spec, streamed[name]) if name in streamed else
+                ensure_dataset(spec, root, "test", log=log, damaged_ok=skip) for name, spec in specs.items()}
+    data = data_identity(suite, root, streamed)
     timings = {"prepare_data": time.perf_counter() - t0}
 
     t = time.perf_counter()
@@ -221,13 +236,64 @@ def _record(c: Candidate, resolved: ResolvedRun, key: str, data: dict[str, str],
         record_id=record_id(key, c.name), suite=suite.name, model=config.model, pretrained=config.pretrained,
         method=resolved.method.name, candidate=c.name, reference=suite.reference, shifts=list(suite.shifts),
         metrics=scores.metrics[c.name], primary_metric={n: get_dataset(n).metric for n in suite.eval_datasets},
-        tags=_as_json(c.tags), config=_as_json({**config.to_dict(), "resolved": resolved.identity}),
+        tags=_as_json(c.tags), config=_as_json({**_shareable(config), "resolved": resolved.identity}),
         config_hash=resolved.hash,
         versions=software_versions(),
         timings={**{k: round(v, 3) for k, v in timings.items()},
-                 **{f"eval_{n}": round(s, 3) for n, s in scores.seconds.items()}},
-        created=now_iso(), skipped_samples=scores.skipped, data=data,
+                 **{f"eval_{n}": round(s, 3) for n, s in scores.seconds.items()}, **_training_timings(c)},
+        created=now_iso(), skipped_samples=scores.skipped, data=data, training=_training_of(c),
     )
+
+
+# Facts of one execution rather than of the training (a resumed run has others, the same curve and
+# weights): they go to the record's timings, as train_peak_<kind>_mb and train_resumed_from_step.
+_EXECUTION_FACTS = ("peak_memory_bytes", "peak_memory_kind", "resumed_from_step", "curve_file")
+_PEAK_KEYS = {"cuda_max_allocated": "train_peak_cuda_allocated_mb", "process_max_rss": "train_peak_process_rss_mb"}
+
+
+def _training_provenance(c: Candidate) -> dict:
+    info = getattr(c.classifier, "info", None)
+    training = getattr(info, "provenance", {}).get("training") if info is not None else None
+    return training if isinstance(training, dict) else {}
+
+
+def _training_of(c: Candidate) -> dict:
+    """How the candidate's classifier was trained (its provenance from :func:`methods.training.train`), or {}:
+    global batch, accumulation, devices, steps, the curve. Not the curve file's local path (the record
+    carries the curve itself) nor the facts of one execution (see :func:`_training_timings`)."""
+    return _as_json({k: v for k, v in _training_provenance(c).items() if k not in _EXECUTION_FACTS})
+
+
+def _training_timings(c: Candidate) -> dict[str, float]:
+    """Peak memory of the candidate's training (MiB; CUDA: most allocated on the device, CPU: the process's
+    peak resident size) and the step a resumed training started from, for the record's timings."""
+    training, out = _training_provenance(c), {}
+    if isinstance(training.get("peak_memory_bytes"), int) and training.get("peak_memory_kind") in _PEAK_KEYS:
+        out[_PEAK_KEYS[training["peak_memory_kind"]]] = round(training["peak_memory_bytes"] / 2 ** 20, 1)
+    if isinstance(training.get("resumed_from_step"), int):
+        out["train_resumed_from_step"] = training["resumed_from_step"]
+    return out
+
+
+def _shareable(config: RunConfig) -> dict:
+    """The config as a record keeps it: URLs without their query strings (signed object-storage links
+    carry credentials there, and records are shared)."""
+    out = config.to_dict()
+    out["data_root"] = describe(config.data_root)
+    out["data_urls"] = {k: describe(v) for k, v in config.data_urls.items()}
+    return out
+
+
+def check_tensorboard(directory: str) -> None:
+    """``--tensorboard DIR`` needs the tensorboard package, which the harness does not depend on."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise ModuleNotFoundError(f"--tensorboard {directory}: TensorBoard event files need the tensorboard package, "
+                                  "which is optional and not installed (pip install tensorboard); the fine-tuning "
+                                  "curves are stored beside each checkpoint and shown in the report without it"
+                                  ) from None
+    check_writable(Path(directory), "tensorboard")
 
 
 def _as_json(value: dict) -> dict:
@@ -255,3 +321,15 @@ def render_run_report(records: list[ResultRecord], resolved: ResolvedRun, name: 
     return render_report(shown, Path(config.reports_dir) / (name or resolved.name),
                          baseline=_suite_baseline(baseline_name),
                          title=f"{resolved.method.name} on {config.suite} ({config.model}, {config.pretrained})")
+
+
+def render_grid_report(records: list[ResultRecord], config: RunConfig, name: str) -> Path:
+    """One report of a model grid's records (every pair), with the suite's baseline models behind them."""
+    from robustbench_ft.report import render_report
+    from robustbench_ft.robustness.baseline import baseline_records
+
+    baseline_name = get_suite(config.suite).baseline
+    shown = records + (baseline_records(baseline_name) if baseline_name else [])
+    models = len({(r.model, r.pretrained) for r in records})
+    return render_report(shown, Path(config.reports_dir) / name, baseline=_suite_baseline(baseline_name),
+                         title=f"{config.method} on {config.suite}: {models} models")

@@ -53,8 +53,15 @@ def describe(hint: Any) -> str:
     if origin is tuple:
         return f"a list of {_plural(args[0])}"
     if origin is dict or hint is dict:
-        return "a table"
+        value = _dict_value(hint)
+        return "a table" if value is Any else f"a table of {_plural(value)}"
     return getattr(hint, "__name__", str(hint))
+
+
+def _dict_value(hint: Any) -> Any:
+    """The value type of a ``dict[str, T]`` hint (Any for a bare ``dict`` or ``dict[str, Any]``)."""
+    args = typing.get_args(hint)
+    return args[1] if len(args) == 2 else Any
 
 
 def _plural(hint: Any) -> str:
@@ -150,7 +157,8 @@ def check(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, dict):
             if not all(isinstance(k, str) for k in value):
                 raise _error(key, hint, value, "its keys must be strings")
-            return dict(value)
+            item = _dict_value(hint)
+            return {k: check(v, item, f"{key}.{k}") for k, v in value.items()}
     else:
         raise TypeError(f"config key {key!r}: unsupported field type {hint}")
     raise _error(key, hint, value)
@@ -186,8 +194,22 @@ def from_text(text: str, hint: Any, key: str) -> Any:
     except ValueError:
         raise _error(key, hint, text) from None
     if origin is dict or hint is dict:
-        raise ConfigError(f"config key {key!r} is a table: set it in a config file, not on the command line")
+        item = _dict_value(hint)
+        if item is Any:
+            raise ConfigError(f"config key {key!r} is a table: set it in a config file, not on the command line")
+        return _table_from_text(text, item, key)
     return check(text, hint, key)
+
+
+def _table_from_text(text: str, item: Any, key: str) -> dict[str, Any]:
+    """``name=value,name=value`` (a ``dict[str, T]`` on the command line); each value parsed as ``T``."""
+    out: dict[str, Any] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"config key {key!r} must be name=value pairs separated by commas, got {_shown(text)}")
+        out[name.strip()] = from_text(value.strip(), item, f"{key}.{name.strip()}")
+    return out
 
 
 def field_hints(cls: type) -> dict[str, Any]:

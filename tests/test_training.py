@@ -234,7 +234,8 @@ def test_run_killed_mid_training_resumes_to_the_uninterrupted_result(run_dirs, t
     proc = subprocess.run([sys.executable, str(SCRIPT), *flags], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     checkpoints = Path(run_dirs["cache_dir"]) / "checkpoints"
-    assert [p.name.split(".", 1)[1] for p in checkpoints.iterdir()] == ["training.pt"]  # no finished classifier
+    # no finished classifier: the resumable state, and the curve so far (written with it)
+    assert sorted(p.name.split(".", 1)[1] for p in checkpoints.iterdir()) == ["curve.csv", "training.pt"]
 
     assert main([*flags, "--workers", "2"]) == 0  # the same config (the worker count is not part of it)
     assert "resuming from step 4 (epoch 0, batch 4)" in capsys.readouterr().out

@@ -12,7 +12,13 @@ Format (``schema_version`` 1)::
 
     {"format": "robustbench-ft-submission", "schema_version": 1, "created": "<ISO time>",
      "method": {"name": "...", "paper": "https://...", "code": "https://...",
-                "checkpoint": {"file": "model.safetensors", "sha256": "<64 hex>"} | null},
+                "checkpoint": {"file": "model.safetensors", "sha256": "<64 hex>"}
+                              | {"hf_hub": "org/repo", "revision": "<40 hex>", "file": "...", "sha256": "<64 hex>"}
+                              | null},
+
+A checkpoint on the Hugging Face hub (``submit --checkpoint hf-hub:ORG/REPO[@REVISION][/FILE]``) is
+recorded by repo, the commit the hub cache resolved, the file and its sha256, so that anyone can fetch
+that exact file and check it.
      "records": [<result record>, ...]}
 """
 from __future__ import annotations
@@ -46,6 +52,9 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+()-]{0,79}")
 RECORD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 URL_RE = re.compile(r"https?://[^\s<>\"'`\\]+")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+HUB_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+HUB_CHECKPOINT_KEYS = {"hf_hub", "revision", "file", "sha256"}
 # Unicode categories never allowed in bundle text: controls (C0 and C1; tab and newline excepted),
 # format characters (bidi overrides and isolates, zero-width spaces and joiners, BOM), surrogates,
 # private use, unassigned code points, line and paragraph separators.
@@ -98,15 +107,26 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_entry(checkpoint: str | Path) -> dict[str, Any]:
+    """The bundle's ``method.checkpoint``: a local file by name and sha256, an hf-hub reference by repo,
+    resolved commit, file and sha256 (fetched into the hub cache to hash it)."""
+    from robustbench_ft.models.hub import fetch, is_hub
+
+    if is_hub(checkpoint):
+        found = fetch(str(checkpoint))
+        return {"hf_hub": found.ref.repo, "revision": found.commit, "file": found.ref.filename or found.path.name,
+                "sha256": found.sha256}
+    return {"file": Path(checkpoint).name, "sha256": sha256_file(Path(checkpoint))}
+
+
 def make_bundle(records: Iterable[ResultRecord], *, name: str, paper: str, code: str,
-                checkpoint: Path | None = None) -> dict[str, Any]:
+                checkpoint: str | Path | None = None) -> dict[str, Any]:
     """The bundle for ``records`` (reproduced ones) and the method's metadata, validated, so that a
     submitter learns about a problem before sending the file rather than when it is refused."""
     data = {
         "format": BUNDLE_FORMAT, "schema_version": BUNDLE_SCHEMA_VERSION, "created": now_iso(),
         "method": {"name": name, "paper": paper, "code": code,
-                   "checkpoint": None if checkpoint is None else {"file": Path(checkpoint).name,
-                                                                  "sha256": sha256_file(checkpoint)}},
+                   "checkpoint": None if checkpoint is None else checkpoint_entry(checkpoint)},
         "records": [r.to_dict() for r in records],
     }
     validate_bundle(json.loads(json.dumps(data, allow_nan=True)), source="the new bundle")
@@ -243,17 +263,31 @@ def _check_method(method: Any, problems: _Problems) -> MethodInfo | None:
             problems.add(f"method.{key}", "must be an http(s) URL without spaces or quotes")
     ckpt = method.get("checkpoint")
     if ckpt is not None:
-        if not isinstance(ckpt, dict) or set(ckpt) != {"file", "sha256"}:
-            problems.add("method.checkpoint", 'must be null or {"file": NAME, "sha256": HEX}')
+        if not isinstance(ckpt, dict) or set(ckpt) not in ({"file", "sha256"}, HUB_CHECKPOINT_KEYS):
+            problems.add("method.checkpoint", 'must be null, {"file": NAME, "sha256": HEX} or {"hf_hub": "ORG/REPO", '
+                                              '"revision": COMMIT, "file": NAME, "sha256": HEX}')
         else:
+            if "hf_hub" in ckpt:
+                _check_hub_checkpoint(ckpt, problems)
+            in_repo = "hf_hub" in ckpt  # a file of a hub repo may sit in a folder of it
             if _check_text(ckpt["file"], "method.checkpoint.file", problems) and (
-                    "/" in ckpt["file"] or "\\" in ckpt["file"] or not ckpt["file"].strip()):
-                problems.add("method.checkpoint.file", "must be a file name, not a path")
+                    ("/" in ckpt["file"] and not in_repo) or "\\" in ckpt["file"] or not ckpt["file"].strip()
+                    or ".." in ckpt["file"] or ckpt["file"].startswith("/")):
+                problems.add("method.checkpoint.file", "must be a file name, not a path"
+                             + (" (or a path inside the hub repo)" if in_repo else ""))
             if not isinstance(ckpt["sha256"], str) or not SHA256_RE.fullmatch(ckpt["sha256"]):
                 problems.add("method.checkpoint.sha256", "must be 64 lowercase hex digits (sha256)")
     if problems.items:
         return None
     return MethodInfo(name, paper, code, dict(ckpt) if ckpt else None)
+
+
+def _check_hub_checkpoint(ckpt: dict[str, Any], problems: "_Problems") -> None:
+    if not isinstance(ckpt["hf_hub"], str) or not HUB_REPO_RE.fullmatch(ckpt["hf_hub"]):
+        problems.add("method.checkpoint.hf_hub", "must be a hub repo id ORG/REPO")
+    if ckpt["revision"] is not None and (not isinstance(ckpt["revision"], str)
+                                         or not COMMIT_RE.fullmatch(ckpt["revision"])):
+        problems.add("method.checkpoint.revision", "must be the 40-hex commit the file came from (or null)")
 
 
 def _check_record_values(record: ResultRecord, where: str, problems: _Problems) -> None:
@@ -373,6 +407,10 @@ def add_bundle(path: Path, results_dir: Path = Path("results")) -> list[Path]:
         paths = []
         info = {"name": bundle.method.name, "paper": bundle.method.paper, "code": bundle.method.code,
                 "checkpoint_sha256": (bundle.method.checkpoint or {}).get("sha256", ""), "created": bundle.created}
+        hub = bundle.method.checkpoint or {}
+        if hub.get("hf_hub"):
+            info["checkpoint_hf_hub"] = f"hf-hub:{hub['hf_hub']}" + (f"@{hub['revision']}" if hub["revision"] else "") \
+                + f"/{hub['file']}"
         for record in bundle.records:
             record.kind = "submitted"
             record.citation = bundle.method.paper

@@ -54,8 +54,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+_IMPORT_ONLY = ("region_names", "fmow_metadata", "keep_source")  # --dataset: also imagefolder
+
+
 def cmd_shard(args: argparse.Namespace) -> int:
     src, out = args.src or args.src_path, args.out or args.out_path
+    if args.format == "import-wds":
+        return cmd_import_wds(args, src, out)
     if args.format == "imagefolder":
         wrong = {"--border-crop": args.border_crop, "--allow-count-mismatch": args.allow_count_mismatch or None,
                  "--split": None if args.split == "test" else args.split}
@@ -63,9 +68,13 @@ def cmd_shard(args: argparse.Namespace) -> int:
     else:
         wrong = {"--name": args.name, "--shuffle-seed": args.shuffle_seed, "--dataset": args.dataset}
         where = "`shard imagefolder` (dataset converters shuffle their training splits themselves)"
-    misplaced = [flag for flag, value in wrong.items() if value is not None]
-    if misplaced:
-        raise ValueError(f"{', '.join(misplaced)}: only for {where}")
+    for flags, place in (([f for f, v in wrong.items() if v is not None], where),
+                         ([flag(n) for n in _IMPORT_ONLY if getattr(args, n) not in (None, False)],
+                          "`shard import-wds SRC --dataset NAME`")):
+        if flags:
+            raise ValueError(f"{', '.join(flags)}: only for {place}")
+    src = None if src is None else Path(src)
+    out = None if out is None else Path(out)
     if args.format == "imagefolder":
         from robustbench_ft.convert.imagefolder import write_imagefolder_shards
 
@@ -100,6 +109,35 @@ def cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_wds(args: argparse.Namespace, src: str | None, out: str | None) -> int:
+    """`shard import-wds SRC --dataset NAME`: a CLIP_benchmark-layout copy (directory or URL) as verified shards."""
+    from robustbench_ft.convert.sources import ConvertOptions
+    from robustbench_ft.datasets.hub_copies import import_hub_copy
+    from robustbench_ft.datasets.registry import get_dataset
+
+    misplaced = [flag for flag, value in {"--name": args.name, "--shuffle-seed": args.shuffle_seed,
+                                          "--resize-shorter": args.resize_shorter}.items() if value is not None]
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)}: not for `shard import-wds` (it keeps the copy's images)")
+    if src is None or args.dataset is None:
+        raise ValueError("shard import-wds needs SRC and --dataset: robustbench-ft shard import-wds "
+                         "https://huggingface.co/datasets/clip-benchmark/wds_imagenet-a/tree/main --dataset imagenet-a "
+                         "(the accepted copies: README, 'Hub copies')")
+    out = Path(out) if out is not None else get_dataset(args.dataset).path(Path(args.data_root), args.split)
+    options = ConvertOptions(samples_per_shard=args.samples_per_shard, image_format=args.image_format or "keep",
+                             border_crop=args.border_crop, workers=args.workers, on_bad=args.on_bad,
+                             allow_count_mismatch=args.allow_count_mismatch)
+    regions = [r.strip() for r in args.region_names.split(",") if r.strip()] if args.region_names else None
+    manifest = import_hub_copy(str(src), out, args.dataset, args.split, options, region_names=regions,
+                               fmow_metadata=args.fmow_metadata, keep_source=args.keep_source)
+    source = manifest.metadata["imported_from"]
+    pinned = (f"; hub revision {source['revision']}" + ("" if source.get("pinned") else " (a branch, not pinned)")
+              if source.get("revision") else "")
+    print(f"imported {manifest.num_samples} samples of {len(manifest.classes)} classes in {len(manifest.shards)} "
+          f"shard(s) to {out}{pinned}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from robustbench_ft.datasets.build import check_class_list
     from robustbench_ft.datasets.registry import get_dataset, list_datasets
@@ -128,19 +166,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sp = sub.add_parser("shard", help="convert a dataset to verified WebDataset shards",
                         description="`shard imagefolder SRC OUT` converts any SRC/<class>/<image> tree; `shard DATASET "
                                     "--src RAW [--split S] [--out DIR]` converts a registered dataset's official "
-                                    "download (layouts: datasets/README.md). Rerunning a killed conversion resumes it.")
+                                    "download (layouts: datasets/README.md); `shard import-wds SRC --dataset NAME` "
+                                    "imports a CLIP_benchmark/DataComp WebDataset copy from a directory or URL "
+                                    "(README: 'Hub copies'). Rerunning a killed conversion resumes it.")
     sp.set_defaults(handler=cmd_shard)
-    sp.add_argument("format", help="imagefolder, or a dataset name (robustbench-ft list datasets)")
-    sp.add_argument("src_path", nargs="?", type=Path, metavar="SRC", help="source folder (or --src)")
+    sp.add_argument("format", help="imagefolder, import-wds, or a dataset name (robustbench-ft list datasets)")
+    sp.add_argument("src_path", nargs="?", metavar="SRC", help="source folder or, for import-wds, URL (or --src)")
     sp.add_argument("out_path", nargs="?", type=Path, metavar="OUT", help="output folder (or --out)")
-    sp.add_argument("--src", type=Path, default=None, help="the official download (or ImageFolder tree)")
+    sp.add_argument("--src", default=None, help="the official download (or ImageFolder tree, or hub copy)")
     sp.add_argument("--out", type=Path, default=None, help="default for a dataset: DATA_ROOT/<dataset>/<split>")
+    sp.add_argument("--region-names", default=None,
+                    help="import-wds fmow-ood: WILDS' FMoW region names in index order, comma-separated")
+    sp.add_argument("--fmow-metadata", type=Path, default=None,
+                    help="import-wds fmow-ood: fmow_v1.1 folder with rgb_metadata.csv and country_code_mapping.csv, "
+                         "from which WILDS' region order is rebuilt")
+    sp.add_argument("--keep-source", action="store_true",
+                    help="import-wds: keep the downloaded source tars (OUT/.wds-source/) after the import")
     sp.add_argument("--split", default="test", help="dataset split to convert (default: test)")
     sp.add_argument("--data-root", default=RunConfig.data_root)
     sp.add_argument("--name", default=None, help="shard name prefix (imagefolder)")
     sp.add_argument("--dataset", default=None,
-                    help="imagefolder: the registered dataset the tree is (its class folders get the dataset's label "
-                         "order, not the alphabetical one)")
+                    help="the registered dataset the source is: for imagefolder, class folders get its label order "
+                         "(not the alphabetical one); for import-wds, the copy's dataset (e.g. imagenet-a)")
     sp.add_argument("--samples-per-shard", type=int, default=1000)
     sp.add_argument("--resize-shorter", type=int, default=None, help="resize so the shorter side is N px")
     sp.add_argument("--image-format", choices=["jpg", "png", "webp", "keep"], default=None,
@@ -159,5 +206,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     vp = sub.add_parser("verify", help="re-check a shard set against its manifest (counts, classes, sha256)")
     vp.add_argument("directory", type=Path)
     vp.add_argument("--dataset", default=None, help="also check the class list against this registered dataset "
-                                                    "(default: the folder's parent name, if it is one)")
+                                                    "(default: the one the manifest was built for, else the "
+                                                    "folder's parent name, if registered)")
     vp.set_defaults(handler=cmd_verify)

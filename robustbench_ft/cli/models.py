@@ -54,7 +54,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                     "CLIP state dict, whose own text tower then gives the zero-shot head) and save "
                                     "it as a classifier (.safetensors + .json) for `run --finetuned`. Pickles that "
                                     "are not plain tensors are refused unless --trust-pickle.")
-    ip.add_argument("checkpoint", type=Path, help="checkpoint file (.safetensors, .pt, .pth, .bin, .ckpt)")
+    ip.add_argument("checkpoint", help="checkpoint file (.safetensors, .pt, .pth, .bin, .ckpt) or an "
+                                       "hf-hub:ORG/REPO[@REVISION][/FILE] reference")
     ip.add_argument("out", type=Path, help="output path stem: OUT.safetensors and OUT.json are written")
     ip.add_argument("--model", required=True, help="open_clip architecture of the checkpoint (e.g. ViT-B-32)")
     ip.add_argument("--suite", default=RunConfig.suite, help="suite whose reference classes the head predicts")

@@ -103,6 +103,24 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from robustbench_ft.results import load_records, records_to_table
+
+    paths = args.results or [Path(args.results_dir)]
+    records = load_records(paths)
+    if not records:
+        raise ValueError(f"no result records found in {', '.join(map(str, paths))}")
+    text = records_to_table(records).to_csv(index=False, lineterminator="\n")
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    from robustbench_ft.util import atomic_write_text
+
+    atomic_write_text(args.out, text)
+    print(f"export: {args.out} ({len(records)} record(s), {text.count(chr(10)) - 1} rows)", file=sys.stderr)
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     ap = sub.add_parser("analyze", help="the WiSE-FT paper's analyses of a finished α-curve run (cached models)",
                         description="Prediction diversity, CKA complement, zero-shot overrides with confidence margins "
@@ -139,11 +157,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     lb.add_argument("--add", type=Path, default=None, metavar="BUNDLE",
                     help="validate a submission bundle and store its records under RESULTS_DIR/submissions/")
     lb.set_defaults(handler=cmd_leaderboard)
+    ep = sub.add_parser("export", help="every record as one flat table (CSV), for pandas, R or a spreadsheet",
+                        description="One row per number: model, pretrained, method, candidate, dataset, metric, "
+                                    "value, suite, seed, record_id, kind (metrics, reported aggregates, effective "
+                                    "robustness). Scores are fractions (0.873 = 87.3 %).")
+    ep.add_argument("results", nargs="*", type=Path, help="record files or directories (default: --results-dir)")
+    ep.add_argument("--results-dir", default=RunConfig.results_dir)
+    ep.add_argument("--format", choices=["csv"], default="csv")
+    ep.add_argument("--out", type=Path, default=None, help="write here instead of printing")
+    ep.set_defaults(handler=cmd_export)
     sb = sub.add_parser("submit", help="bundle your records with method metadata for the leaderboard")
     sb.add_argument("results", nargs="+", type=Path, help="record files or directories of your runs")
     sb.add_argument("--name", required=True, help="method name (letters, digits, spaces, . _ + ( ) -)")
     sb.add_argument("--paper", required=True, help="URL of the paper")
     sb.add_argument("--code", required=True, help="URL of the code")
-    sb.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file; its sha256 goes in the bundle")
+    sb.add_argument("--checkpoint", default=None,
+                    help="checkpoint file or hf-hub:ORG/REPO[@REVISION][/FILE]; its sha256 goes in the bundle")
     sb.add_argument("--out", type=Path, required=True, help="bundle file to write")
     sb.set_defaults(handler=cmd_submit)

@@ -21,6 +21,9 @@ def flag(name: str) -> str:
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML run config; flags override its values")
+    p.add_argument("--models-file", type=Path, default=None,
+                   help="a grid: one 'model,pretrained' pair a line, each evaluated on the suite (instead of "
+                        "--model/--pretrained; comma lists there give their product)")
     hints = field_hints(RunConfig)
     for f in RUN_FLAGS:
         if hints[f.name] is bool:
@@ -104,6 +107,21 @@ def _method_flags(args: argparse.Namespace, names: list[str], method: str | None
 def run_config_from_argv(argv: Sequence[str]) -> RunConfig:
     """The RunConfig that ``robustbench-ft run ARGV`` runs: flags parsed as their fields declare, over
     the ``--config`` file if one is given."""
+    return _parse_run(argv)[0]
+
+
+def grid_from_argv(argv: Sequence[str]) -> tuple[RunConfig, list[tuple[str, str]]]:
+    """The RunConfig and the (model, pretrained) pairs of ``robustbench-ft run ARGV`` (one pair unless
+    ``--model``/``--pretrained`` are comma lists or ``--models-file`` is given; see :mod:`robustbench_ft.grid`)."""
+    from robustbench_ft.grid import parse_pairs
+
+    config, args = _parse_run(argv)
+    if args.models_file is not None and (args.model is not None or args.pretrained is not None):
+        raise ValueError("--models-file names the (model, pretrained) pairs itself; drop --model and --pretrained")
+    return config, parse_pairs(config.model, config.pretrained, args.models_file)
+
+
+def _parse_run(argv: Sequence[str]) -> tuple[RunConfig, argparse.Namespace]:
     flags = _run_parser(argv)
     args = flags.parser.parse_args(argv)
     overrides: dict[str, Any] = {}
@@ -117,14 +135,18 @@ def run_config_from_argv(argv: Sequence[str]) -> RunConfig:
     if base:
         options["base_options"] = base
     overrides["method_options"] = options
-    return RunConfig.from_toml(args.config, **overrides) if args.config else RunConfig(**overrides)
+    return (RunConfig.from_toml(args.config, **overrides) if args.config else RunConfig(**overrides)), args
 
 
 def cmd_run(argv: Sequence[str]) -> int:
-    config = run_config_from_argv(argv)
+    config, pairs = grid_from_argv(argv)
+    if len(pairs) > 1:
+        return _cmd_grid(config, pairs)
+    from dataclasses import replace
+
     from robustbench_ft.runner import run
 
-    outcome = run(config)
+    outcome = run(replace(config, model=pairs[0][0], pretrained=pairs[0][1]))
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone prints the summary
         return 0
     print_summary(outcome.records)
@@ -134,17 +156,31 @@ def cmd_run(argv: Sequence[str]) -> int:
     return 0
 
 
-def print_summary(records: list) -> None:
+def _cmd_grid(config: RunConfig, pairs: list[tuple[str, str]]) -> int:
+    from robustbench_ft.grid import run_grid
+
+    outcome = run_grid(config, pairs)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    print_summary(outcome.records, with_model=True)
+    print(f"\nrecords: {config.results_dir}/ ({len(pairs)} runs)")
+    if outcome.report:
+        print(f"report:  {outcome.report}")
+    return 0
+
+
+def print_summary(records: list, *, with_model: bool = False) -> None:
     """A plain-text table: candidate, reference, each shift, shift mean, effective robustness."""
     if not records:
         return
     first = records[0]
     cols = [first.reference, *first.shifts]
-    header = ["candidate", *cols, "shift avg", "ER avg (pp)"]
+    header = ["candidate", *(["model"] if with_model else []), *cols, "shift avg", "ER avg (pp)"]
     rows = []
     for r in records:
         er = r.effective_robustness.get("shift-avg") if r.effective_robustness else None
-        rows.append([r.candidate, *[f"{100 * r.score(c):.1f}" for c in cols], f"{100 * r.shift_mean:.1f}",
+        rows.append([r.candidate, *([f"{r.model} ({r.pretrained})"] if with_model else []),
+                     *[f"{100 * r.score(c):.1f}" for c in cols], f"{100 * r.shift_mean:.1f}",
                      "-" if er is None else f"{100 * er:+.1f}"])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))

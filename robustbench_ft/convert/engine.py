@@ -90,10 +90,15 @@ def _load_image(item: SourceItem) -> tuple[bytes | None, Image.Image]:
     """The item's encoded bytes (None for pixels) and its fully decoded image."""
     if item.pixels is not None:
         return None, Image.fromarray(np.ascontiguousarray(item.pixels))
-    data = Path(item.path).read_bytes()
+    data = item.read_bytes()
     image = Image.open(io.BytesIO(data))
     image.load()
     return data, image
+
+
+def _where(item: SourceItem) -> str:
+    """The item's image for messages: its file, or for a member of a tar the tar and the member."""
+    return f"{item.source} in {item.path}" if item.span else (item.path or item.source)
 
 
 def _crop(image: Image.Image, border: int) -> Image.Image:
@@ -118,7 +123,7 @@ def _write_shard(task: _Task) -> _Result:
                 reason = f"{type(e).__name__}: {e}"
                 if not task.skip_bad:
                     raise ConversionError(
-                        f"cannot read {item.path or item.source} as an image ({reason}); fix or delete the file, "
+                        f"cannot read {_where(item)} as an image ({reason}); fix or delete the file, "
                         "or convert with on_bad='skip' (--on-bad skip) to leave such files out") from None
                 skipped.append((item.source, reason))
                 continue
@@ -184,13 +189,13 @@ def _stored_format(items: Sequence[SourceItem], image_format: str) -> str:
         if item.pixels is not None:
             return "png"
         try:
-            with Image.open(item.path) as image:
+            with Image.open(io.BytesIO(item.read_bytes()) if item.span else item.path) as image:
                 pil_format = image.format
         except Exception:  # noqa: BLE001 - unreadable files are reported by the conversion itself
             continue
         if pil_format not in _PIL_TO_SHARD_FORMAT:
             raise ConversionError(
-                f"image_format='keep' stores source bytes as png, jpg or webp, but {item.path} is {pil_format}; "
+                f"image_format='keep' stores source bytes as png, jpg or webp, but {_where(item)} is {pil_format}; "
                 "convert with --image-format png (lossless) or jpg")
         return _PIL_TO_SHARD_FORMAT[pil_format]
     raise ConversionError(f"no readable image among the {len(items)} files to convert")

@@ -34,8 +34,9 @@ class SourceItem:
 
     ``source`` names the image within the download (a relative path, or ``FILE[index]`` for images
     packed in a file) and is stored as the sample's ``meta["path"]``; ``meta`` adds fields such as
-    WILDS' region or camera location. The image is read from ``path``, or given as ``pixels``
-    (a uint8 ``H×W`` or ``H×W×3`` array, for datasets shipped as arrays such as CIFAR).
+    WILDS' region or camera location. The image is read from ``path`` (only its bytes
+    ``[offset, offset + size)`` when ``span = (offset, size)``: a member of a tar), or given as
+    ``pixels`` (a uint8 ``H×W`` or ``H×W×3`` array, for datasets shipped as arrays such as CIFAR).
     """
 
     key: str
@@ -44,6 +45,19 @@ class SourceItem:
     path: str | None = None
     pixels: np.ndarray | None = None
     meta: dict[str, Any] | None = None
+    span: tuple[int, int] | None = None
+
+    def read_bytes(self) -> bytes:
+        """The encoded image this item names (not for ``pixels`` items)."""
+        if self.span is None:
+            return Path(self.path).read_bytes()
+        offset, size = self.span
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{self.path} ends before the {size} bytes of {self.source} at offset {offset}")
+        return data
 
 
 @dataclass(frozen=True)
@@ -139,7 +153,7 @@ def unique_keys(items: Sequence[SourceItem]) -> list[SourceItem]:
             key, n = f"{item.key}_{n}", n + 1
         used.add(key)
         out.append(item if key == item.key else SourceItem(key, item.label, item.source, item.path,
-                                                            item.pixels, item.meta))
+                                                            item.pixels, item.meta, item.span))
     return out
 
 

@@ -8,12 +8,15 @@ import fcntl
 import multiprocessing
 import os
 import shutil
+from collections.abc import Collection, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from robustbench_ft.datasets.registry import get_dataset
 from robustbench_ft.datasets.spec import DatasetSpec, Suite
+from robustbench_ft.shards import urls
 from robustbench_ft.shards.manifest import Manifest, ShardError
+from robustbench_ft.shards.urls import load_manifest
 from robustbench_ft.shards.verify import check_shard_files, verify_shards
 from robustbench_ft.util import silent
 
@@ -72,15 +75,44 @@ def check_class_list(spec: DatasetSpec, manifest: Manifest, directory: Path) -> 
     raise ShardError(f"{directory}: the shard set's classes are not those of dataset {spec.name!r} ({detail}); {fix}")
 
 
-def data_identity(suite: Suite, root: Path) -> dict[str, str]:
+def data_identity(suite: Suite, root: Path, streamed: Mapping[str, str] | None = None) -> dict[str, str]:
     """Content hash of every built split the suite reads (``"dataset/split"`` -> manifest hash): part of
-    the key of checkpoints and records, so that a changed shard set is never served old ones."""
+    the key of checkpoints and records, so that a changed shard set is never served old ones.
+    ``streamed`` (dataset -> URL of its test split) names the sets whose manifest is fetched instead."""
     out = {}
     for dataset, split in suite.data_splits:
+        if split == "test" and dataset in (streamed or {}):
+            out[f"{dataset}/{split}"] = load_manifest(streamed[dataset]).content_hash()
+            continue
         directory = get_dataset(dataset).path(root, split)
         if (directory / "manifest.json").is_file():
             out[f"{dataset}/{split}"] = Manifest.load(directory).content_hash()
     return out
+
+
+def streamed_locations(suite: Suite, data_root: str, data_urls: Mapping[str, str]) -> dict[str, str]:
+    """dataset -> URL for each evaluated dataset of ``suite`` whose test split is streamed: the one
+    ``data_urls`` names, else ``<data_root>/<dataset>/test`` when ``data_root`` is a URL."""
+    from robustbench_ft.datasets.registry import list_datasets
+
+    known = {d.name for d in list_datasets()}
+    unknown = sorted(set(data_urls) - known)
+    if unknown:
+        raise ValueError(f"data_urls names unknown dataset(s) {unknown}; its keys are dataset names "
+                         f"(`robustbench-ft list datasets`), each mapped to the URL of its test split")
+    out = {}
+    for name in suite.eval_datasets:
+        url = data_urls.get(name) or (str(urls.join(data_root, name, "test")) if urls.is_url(data_root) else None)
+        if url is not None:
+            urls.check_stream_location(url, f"data_urls[{name!r}]" if name in data_urls else "data_root")
+            out[name] = url
+    return out
+
+
+def ensure_streamed(spec: DatasetSpec, url: str) -> str:
+    """The URL of a streamed test split, once its manifest is fetched and its class list checked."""
+    check_class_list(spec, load_manifest(url), url)  # type: ignore[arg-type]
+    return url
 
 
 def _locate(spec: DatasetSpec, root: Path, split: str, log, damaged_ok: bool) -> Path:
@@ -127,16 +159,19 @@ def _locate(spec: DatasetSpec, root: Path, split: str, log, damaged_ok: bool) ->
     return target
 
 
-def prepare_suite(suite: Suite, root: Path, *, processes: int = 1, log=print) -> list[str]:
+def prepare_suite(suite: Suite, root: Path, *, processes: int = 1, log=print,
+                  streamed: Collection[str] = ()) -> list[str]:
     """Build, ``processes`` at a time, every split of ``suite`` the harness can build that is not built.
 
     Builders are CPU-bound Python (image encoding, tar writing), so splits are built in forked worker
     processes rather than threads; on the demo suite two processes halve the first run's data
     preparation. Splits without a builder are left to :func:`ensure_dataset`, which explains how to
-    make them. Returns the ``dataset/split`` names that were built.
+    make them; so are the test splits of ``streamed`` datasets (read from URLs). Returns the
+    ``dataset/split`` names that were built.
     """
     todo = [(dataset, split) for dataset, split in suite.data_splits
-            if split in get_dataset(dataset).builders and not _is_complete(get_dataset(dataset).path(root, split))]
+            if split in get_dataset(dataset).builders and not (split == "test" and dataset in streamed)
+            and not _is_complete(get_dataset(dataset).path(root, split))]
     names = [f"{dataset}/{split}" for dataset, split in todo]
     processes = min(processes, len(todo))
     if processes <= 1 or "fork" not in multiprocessing.get_all_start_methods():

@@ -35,10 +35,11 @@ from robustbench_ft.evaluation.cache import ArrayCache
 from robustbench_ft.evaluation.options import EvalOptions
 from robustbench_ft.evaluation.pipeline import EvalPipeline, eval_pipeline
 from robustbench_ft.evaluation.rows import Rows, RowStore
-from robustbench_ft.loading.shard_dataset import describe_skipped, make_loader
+from robustbench_ft.loading.shard_dataset import describe_skipped, make_loader, worker_errors
 from robustbench_ft.models.classifier import Classifier, state_hash
 from robustbench_ft.models.clip import autocast
 from robustbench_ft.shards.manifest import Manifest, ShardError
+from robustbench_ft.shards.urls import as_location, load_manifest
 
 _HEAD_CHUNK = 8192  # rows of cached features scored per head call
 
@@ -97,7 +98,7 @@ class _Pass:
     """The state of one evaluation pass: where each classifier's rows go, the labels and metadata read."""
 
     classifiers: Mapping[str, torch.nn.Module]
-    directory: Path
+    directory: Path | str             # a local directory, or the URL of a streamed set
     options: EvalOptions
     pipeline: EvalPipeline
     rows: dict[str, Rows]
@@ -120,6 +121,10 @@ def evaluate(classifiers: Mapping[str, torch.nn.Module], directory: str | Path, 
              store: str | Path | None = None) -> Predictions:
     """Logits of every classifier on the shard set at ``directory`` in one pass over its images.
 
+    ``directory`` is a local shard directory or the http(s):// / file:// URL of one, which is streamed
+    with every shard checked against the manifest's sha256 as it arrives: a pass that meets a shard
+    that does not match (or a connection that breaks) raises, naming it, and nothing of it is cached.
+
     A :class:`Classifier` is run as ``head(features(images))`` so that classifiers sharing an
     encoder share its forward pass; any other module (e.g. a baseline-zoo network, a combination of
     classifiers) as ``model(images)``. ``num_outputs`` is the width every classifier must output
@@ -139,8 +144,8 @@ def evaluate(classifiers: Mapping[str, torch.nn.Module], directory: str | Path, 
     """
     if not classifiers:
         raise ValueError("evaluate() needs at least one classifier")
-    directory = Path(directory)
-    manifest = Manifest.load(directory)
+    directory = as_location(directory)
+    manifest = load_manifest(directory)
     n = manifest.num_samples
     default_width = len(manifest.classes) if num_outputs is None else num_outputs
     world = distributed.world()
@@ -238,7 +243,7 @@ def _stream(state: _Pass, groups: list[list[str]], to_cache: dict[int, Path], fe
                          **{k: v for k, v in state.pipeline.loader_kwargs.items() if k != "transform"})
     seen = 0
     with tqdm(total=len(loader.dataset), desc=desc, disable=not options.progress, unit="img",
-              dynamic_ncols=True) as bar:
+              dynamic_ncols=True) as bar, worker_errors():
         for batch in loader:
             targets, index = batch[1], batch[2]
             idx = index.numpy()
@@ -287,7 +292,7 @@ def evaluate_cached(classifiers: Mapping[str, torch.nn.Module], directory: str |
     """
     if cache is None or kwargs.get("keep_meta"):
         return evaluate(classifiers, directory, transform, options, **kwargs)
-    manifest = Manifest.load(directory)
+    manifest = load_manifest(directory)
     manifest_hash = manifest.content_hash()
     tid = eval_pipeline(transform, options.torch_device, manifest.image_format, options.decode,
                         draft_factor=options.draft_factor, on_bad=options.on_bad).transform_id

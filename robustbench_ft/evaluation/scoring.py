@@ -20,7 +20,7 @@ from robustbench_ft.datasets.spec import DatasetSpec
 from robustbench_ft.evaluation.cache import ArrayCache
 from robustbench_ft.evaluation.dataset_pass import evaluate_cached
 from robustbench_ft.evaluation.options import EvalOptions
-from robustbench_ft.shards.manifest import Manifest
+from robustbench_ft.shards.urls import load_manifest
 
 Projection = Callable[[np.ndarray], np.ndarray]
 
@@ -59,7 +59,7 @@ class SuiteScores:
     skipped: dict[str, dict] = field(default_factory=dict)
 
 
-def score_suite(models: Mapping[str, torch.nn.Module], specs: Mapping[str, DatasetSpec], dirs: Mapping[str, Path],
+def score_suite(models: Mapping[str, torch.nn.Module], specs: Mapping[str, DatasetSpec], dirs: Mapping[str, Path | str],
                 reference: str, transform: Callable, options: EvalOptions, *, cache: ArrayCache | None = None,
                 features: ArrayCache | None = None, log: Callable[[str], None] = print) -> SuiteScores:
     """Evaluate every model on every dataset in ``specs`` (shards at ``dirs``), one pass per dataset.
@@ -79,7 +79,7 @@ def score_suite(models: Mapping[str, torch.nn.Module], specs: Mapping[str, Datas
             scores.skipped[name] = preds.skipped
             log(f"warning: {name}: skipped {preds.skipped['count']} unreadable sample(s); its metrics are over the "
                 f"{len(preds.labels)} read (listed in the records)")
-        built_without = Manifest.load(dirs[name]).metadata.get("num_skipped")
+        built_without = load_manifest(dirs[name]).metadata.get("num_skipped")
         for model_name, model in models.items():
             raw = preds.logits[model_name]
             result = metrics.compute(spec.metric, logits_for(model, raw, spec.project_logits), preds.labels,

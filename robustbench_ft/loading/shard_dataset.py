@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import io
+from contextlib import contextmanager
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -97,18 +98,11 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"on_bad must be one of {ON_BAD_SAMPLE}, got {on_bad!r}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        self.directory = Path(directory)
-        self.manifest = Manifest.load(self.directory)
+        self.directory, self.manifest = self._open(directory)
         self.on_bad = on_bad
         # shard index -> what is wrong with its file (skip mode; error mode raises here instead)
         self.damaged: dict[int, str] = {}
-        if on_bad == "error":
-            check_shard_files(self.manifest, self.directory, verify)
-        else:
-            for i, info in enumerate(self.manifest.shards):
-                problem = shard_problem(info, self.directory, verify)
-                if problem is not None:
-                    self.damaged[i] = problem
+        self._check_files(verify)
         self.transform = transform
         self.decoder = decoder
         self.rank = rank
@@ -120,6 +114,20 @@ class ShardDataset(IterableDataset):
         for info in self.manifest.shards:
             self._offsets.append(offset)
             offset += info.num_samples
+
+    def _open(self, directory: str | os.PathLike) -> tuple[Any, Manifest]:
+        """Where the set is and its manifest (a local directory here; a URL for the streaming reader)."""
+        return Path(directory), Manifest.load(directory)
+
+    def _check_files(self, verify: str) -> None:
+        """The shard files against the manifest at ``verify`` level: raise (error mode) or note the damage."""
+        if self.on_bad == "error":
+            check_shard_files(self.manifest, self.directory, verify)
+            return
+        for i, info in enumerate(self.manifest.shards):
+            problem = shard_problem(info, self.directory, verify)
+            if problem is not None:
+                self.damaged[i] = problem
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -173,7 +181,11 @@ class ShardDataset(IterableDataset):
         worker = get_worker_info()
         if worker is not None:
             shards = shards[worker.id :: worker.num_workers]
-        for index, path, sample in self._raw_samples(shards):
+        return self._emit(self._raw_samples(shards))
+
+    def _emit(self, raw: Iterable[tuple[int, Any, RawSample]]) -> Iterator[tuple]:
+        """The items this dataset yields (see the class docstring) from (index, shard, encoded sample)."""
+        for index, path, sample in raw:
             try:
                 if self.decoder is not None:
                     image = self.decoder(sample.image_bytes, path, sample.key)
@@ -258,6 +270,19 @@ def locate_sample(directory: str | os.PathLike, index: int) -> tuple[Path, str]:
     return fallback
 
 
+@contextmanager
+def worker_errors():
+    """Around a loop over a DataLoader: a ShardError raised in a worker process reaches the caller as the
+    worker's own one-line message (PyTorch re-raises it with the worker's traceback as its text)."""
+    try:
+        yield
+    except ShardError as exc:
+        text = str(exc)
+        if "Original Traceback" not in text:
+            raise
+        raise ShardError(text.rsplit("ShardError: ", 1)[-1].strip()) from None
+
+
 def collate_with_meta(batch: list[tuple]) -> list:
     """Collate samples whose last two fields are key and metadata: those stay plain lists, since
     metadata dicts differ in keys from sample to sample and cannot be stacked."""
@@ -281,7 +306,9 @@ def make_loader(
     **loader_kwargs: Any,
 ) -> DataLoader:
     """A DataLoader of batches ``[images, labels]`` (+ ``indices`` with ``with_index``, + ``keys``
-    and ``metas`` lists with ``with_meta``) over a shard set; see :class:`ShardDataset`.
+    and ``metas`` lists with ``with_meta``) over a shard set; see :class:`ShardDataset`. A ``directory``
+    that is an http(s):// or file:// URL is streamed, each shard hash-checked as it arrives
+    (:class:`~robustbench_ft.loading.stream_dataset.StreamingShardDataset`).
 
     ``transform`` must turn a PIL image into a tensor so that batches stack. ``on_bad`` is
     :class:`ShardDataset`'s. Memory is pinned when CUDA is available unless ``pin_memory`` is given; other ``loader_kwargs`` go to the DataLoader.
@@ -296,7 +323,10 @@ def make_loader(
     """
     if transform is None and decoder is None:
         raise ValueError("make_loader needs a transform that turns PIL images into tensors (batches are stacked)")
-    dataset = ShardDataset(
+    from robustbench_ft.loading.stream_dataset import StreamingShardDataset, is_streamed
+
+    reader = StreamingShardDataset if is_streamed(directory) else ShardDataset  # a URL streams, hash-checked
+    dataset = reader(
         directory, transform, verify=verify, rank=rank, world_size=world_size,
         with_meta=with_meta, with_index=with_index, on_bad=on_bad, decoder=decoder,
     )

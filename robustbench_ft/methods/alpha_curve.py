@@ -39,7 +39,7 @@ class CurveOptions:
     select: bool = True               # also choose α on the suite's val split (a candidate of its own)
     select_grid: Annotated[tuple[float, ...], parse_alphas] = SELECTION_GRID  # the α values tried on val
     base: str = "finetune"            # registered method producing the fine-tuned endpoint (ft, lp: short names)
-    finetuned: str | None = None      # a checkpoint to use as the endpoint instead of training one (see import-checkpoint)
+    finetuned: str | None = None      # a checkpoint (file or hf-hub: reference) to use as the endpoint instead of training one
     base_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

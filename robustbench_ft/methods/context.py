@@ -20,6 +20,7 @@ from robustbench_ft.methods.training import Checkpointing
 from robustbench_ft.models.classifier import Classifier
 from robustbench_ft.models.clip import CheckpointError, LoadedCLIP
 from robustbench_ft.results import CHOICES, ENDPOINTS, Choice, Endpoint, Placement
+from robustbench_ft.shards.urls import describe, is_url
 
 
 @dataclass
@@ -152,6 +153,11 @@ class MethodContext:
                              "for its choices; declare one in the suite (Suite(val=(dataset, split))) or pick a "
                              "method that does not choose on held-out data")
         dataset, split = self.suite.train if which == "train" else self.suite.val
+        if is_url(self.config.data_root):
+            raise ValueError(f"--data-root {describe(self.config.data_root)} is a URL, but method "
+                             f"{self.run.method.name!r} reads the {which} split ({dataset}/{split}), which is read "
+                             "by position and must be local: keep --data-root a local directory and name the "
+                             "streamed evaluation sets in [data_urls] (dataset = URL)")
         with distributed.main_first():  # under torchrun rank 0 builds it, the others then find it built
             return ensure_dataset(get_dataset(dataset), Path(self.config.data_root), split, log=self.log)
 
@@ -198,8 +204,13 @@ class MethodContext:
         return Path(self.config.cache_dir) / "checkpoints" / f"{self.run.method.name}-{self.run.key(self.data)[:16]}"
 
     def training_checkpoints(self) -> Checkpointing:
-        """Where training saves its resumable state every ``config.checkpoint_every`` steps."""
-        return Checkpointing(self.checkpoint_path.with_suffix(".training.pt"), self.config.checkpoint_every)
+        """Where training saves its resumable state every ``config.checkpoint_every`` steps, its curve
+        (``<stem>.curve.csv`` beside the classifier) and, with ``--tensorboard DIR``, its event files
+        (``DIR/<stem>/``)."""
+        stem = self.checkpoint_path
+        board = None if self.config.tensorboard is None else Path(self.config.tensorboard) / stem.name
+        return Checkpointing(stem.with_suffix(".training.pt"), self.config.checkpoint_every,
+                             stem.with_suffix(".curve.csv"), board)
 
     def cached_classifier(self, train: Callable[[], Classifier]) -> Classifier:
         """Load this run's trained classifier from the checkpoint cache, or train and store it.

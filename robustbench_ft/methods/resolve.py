@@ -23,6 +23,7 @@ from robustbench_ft.datasets.registry import get_suite
 from robustbench_ft.datasets.spec import Suite
 from robustbench_ft.methods.registry import MethodSpec, get_method
 from robustbench_ft.models.clip import BUNDLED_WEIGHTS, CHECKPOINT_SUFFIXES
+from robustbench_ft.models.hub import fetch, is_hub
 from robustbench_ft.util import file_sha256, slugify, stable_hash
 
 
@@ -96,7 +97,8 @@ def resolve(config: RunConfig) -> ResolvedRun:
 
 
 def pretrained_identity(model: str, pretrained: str) -> Any:
-    """A tag stays a tag; a file (local or bundled) is identified by its content, not its path."""
+    """A tag stays a tag; a file (local or bundled, or an hf-hub reference's weights) is identified by its
+    content, not its path."""
     bundled = BUNDLED_WEIGHTS.get((model, pretrained))
     return content_identity(str(bundled) if bundled is not None else pretrained)
 
@@ -104,10 +106,13 @@ def pretrained_identity(model: str, pretrained: str) -> Any:
 def content_identity(value: Any) -> Any:
     """A checkpoint file named by ``value`` as ``sha256:<digest>`` of its content; any other value as it is.
 
-    The same path holding other weights is another run, and a copy elsewhere is the same run.
+    The same path holding other weights is another run, and a copy elsewhere is the same run. An
+    ``hf-hub:`` reference counts by the content of the file it resolves to (fetched into the hub cache).
     """
     if not isinstance(value, str):
         return value
+    if is_hub(value):
+        return f"sha256:{fetch(value).sha256}"
     path = Path(value)
     if path.suffix not in CHECKPOINT_SUFFIXES or not path.is_file():
         return value

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from robustbench_ft import distributed
 from robustbench_ft.loading.training_batches import step_seed
+from robustbench_ft.methods.curves import TrainingCurve, TrainingLog
 from robustbench_ft.models.clip import CheckpointError, autocast, check_state_dict
 from robustbench_ft.util import atomic_write_bytes
 
@@ -171,10 +172,14 @@ class TrainingData(Protocol):
 
 @dataclass(frozen=True)
 class Checkpointing:
-    """Where a run keeps its resumable state, and how often (in steps) it saves it; 0 = never."""
+    """Where a run keeps its resumable state, and how often (in steps) it saves it; 0 = never. ``curve``:
+    where its training curve is written (beside the classifier it trains; see :mod:`.curves`);
+    ``tensorboard``: a directory for TensorBoard event files, or None."""
 
     path: Path
     every: int
+    curve: Path | None = None
+    tensorboard: Path | None = None
 
 
 def train(model: torch.nn.Module, data: TrainingData, cfg: OptimConfig, objective: Objective, *,
@@ -196,10 +201,15 @@ def train(model: torch.nn.Module, data: TrainingData, cfg: OptimConfig, objectiv
     per_epoch = data.batches_per_epoch
     fingerprint = {**asdict(cfg), "batches_per_epoch": per_epoch,
                    "optimizer": {"name": optimizer_factory.name, "options": [list(kv) for kv in optimizer_factory.options]}}
-    step, last_loss = 0, float("nan")
+    step, last_loss, curve = 0, float("nan"), TrainingCurve()
     if checkpointing is not None and checkpointing.path.is_file():
-        step, last_loss = _load_state(checkpointing.path, model, optimizer, device, fingerprint, log)
+        step, last_loss, curve = _load_state(checkpointing.path, model, optimizer, device, fingerprint, log)
     resumed_from = step
+    world = distributed.world()
+    monitor = TrainingLog(curve, checkpointing.curve if checkpointing else None,
+                          checkpointing.tensorboard if checkpointing else None, write=world.is_main)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     wrapped = distributed.wrap_ddp(model, device)
     ctx = Step(wrapped, cfg.accum_steps, device, precision, seed=seed)
     model.train()
@@ -219,27 +229,61 @@ def train(model: torch.nn.Module, data: TrainingData, cfg: OptimConfig, objectiv
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss became {loss} at step {step} (epoch {epoch})"
                                          f"{_non_finite_tensor(model)}; lower the learning rate or check the data")
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            # the total gradient norm before clipping (for the curve); without clipping nothing is changed
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else \
+                _total_norm(params)
             optimizer.step()
+            monitor.step(step, loss, optimizer.param_groups[0]["lr"], float(grad_norm))
             step += 1
             last_loss = loss
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             if checkpointing is not None and checkpointing.every and step % checkpointing.every == 0 \
                     and step < cfg.total_steps:
-                _save_state(checkpointing.path, model, optimizer, step, per_epoch, last_loss, device, fingerprint)
+                _save_state(checkpointing.path, model, optimizer, step, per_epoch, last_loss, device, fingerprint,
+                            curve)
+                monitor.save()
             if step >= cfg.total_steps:
                 break
         if seen == 0:
             raise ValueError(f"{desc}: the training data yielded no batch")
         epoch, position = epoch + 1, 0
     bar.close()
+    monitor.close()
     model.eval()
-    summary = {"steps": step, "epochs": round(step / per_epoch, 4), "final_loss": last_loss}
+    summary = {"steps": step, "epochs": round(step / per_epoch, 4), "final_loss": last_loss,
+               **_setup_facts(data, cfg, world.world_size, device), "curve": curve.downsampled()}
+    if checkpointing is not None and checkpointing.curve is not None:
+        summary["curve_file"] = str(checkpointing.curve)
     if resumed_from:
         summary["resumed_from_step"] = resumed_from
     return summary
+
+
+def _total_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The L2 norm of all gradients together, as ``clip_grad_norm_`` computes it (the norm of the per-tensor norms)."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
+
+
+def _setup_facts(data: TrainingData, cfg: OptimConfig, world_size: int, device: torch.device) -> dict[str, Any]:
+    """How the steps were run: global batch, accumulation, devices, the micro-batch per device, peak memory
+    (CUDA: the most allocated on this device during training; CPU: the process's peak resident size)."""
+    batch = getattr(data, "batch_size", None)
+    facts: dict[str, Any] = {"global_batch": batch, "accum_steps": cfg.accum_steps, "devices": world_size,
+                             "micro_batch": batch // world_size // cfg.accum_steps if batch else None,
+                             "device_type": device.type}
+    if device.type == "cuda":
+        facts.update(peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)),
+                     peak_memory_kind="cuda_max_allocated")
+    else:
+        import resource
+
+        facts.update(peak_memory_bytes=int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+                     peak_memory_kind="process_max_rss")
+    return facts
 
 
 def _non_finite_tensor(model: torch.nn.Module) -> str:
@@ -261,28 +305,29 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:
 
 
 def _save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, per_epoch: int,
-                last_loss: float, device: torch.device, fingerprint: dict) -> None:
+                last_loss: float, device: torch.device, fingerprint: dict, curve: TrainingCurve) -> None:
     """Write the resumable state atomically (rank 0 only): a kill mid-write leaves the previous one."""
     if not distributed.world().is_main:
         return
     buffer = io.BytesIO()
     torch.save({"format": STATE_FORMAT, "version": 1, "fingerprint": fingerprint, "step": step,
                 "epoch": step // per_epoch, "batch_in_epoch": step % per_epoch, "last_loss": last_loss,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(device)}, buffer)
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
+                "curve": curve.to_dict()}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def _load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                fingerprint: dict, log: Callable[[str], None]) -> tuple[int, float]:
-    """Restore model, optimiser and RNG from a saved state; returns (step, last loss). An unreadable
-    file is set aside (training starts over); a state saved for another schedule is an error."""
+                fingerprint: dict, log: Callable[[str], None]) -> tuple[int, float, TrainingCurve]:
+    """Restore model, optimiser and RNG from a saved state; returns (step, last loss, the curve so far). An
+    unreadable file is set aside (training starts over); a state saved for another schedule is an error."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("format") != STATE_FORMAT:
             raise ValueError("not a training state")
     except Exception as exc:  # noqa: BLE001 (torch.load raises many types for a damaged file)
         log(f"ignoring unreadable training state {path} ({exc}); training from the start")
-        return 0, float("nan")
+        return 0, float("nan"), TrainingCurve()
     if state["fingerprint"] != fingerprint:
         raise ValueError(f"{path} was saved for another schedule ({state['fingerprint']}, now {fingerprint}): the "
                          "training data changed since; delete the file to train from the start")
@@ -297,4 +342,5 @@ def _load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     if device.type == "cuda" and state["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(state["rng"]["cuda"], device)
     log(f"resuming from step {state['step']} (epoch {state['epoch']}, batch {state['batch_in_epoch']}) of {path}")
-    return int(state["step"]), float(state["last_loss"])
+    return int(state["step"]), float(state["last_loss"]), TrainingCurve.from_dict(state.get("curve")).upto(
+        int(state["step"]))

@@ -16,6 +16,7 @@ from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.registry import register_method
 from robustbench_ft.models.checkpoints import import_checkpoint
 from robustbench_ft.models.classifier import Classifier, interpolate
+from robustbench_ft.models.hub import is_hub
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def finetuned_endpoint(ctx: MethodContext, opts: CurveOptions) -> tuple[Classifi
         if finetuned.info.classnames != ctx.zeroshot.info.classnames:
             raise ValueError(f"--finetuned {opts.finetuned}: its classes differ from the suite's reference classes "
                              f"({finetuned.info.classnames[:3]}... vs {ctx.zeroshot.info.classnames[:3]}...)")
-        return finetuned, f"file:{Path(opts.finetuned).name}"
+        return finetuned, opts.finetuned if is_hub(opts.finetuned) else f"file:{Path(opts.finetuned).name}"
     return ctx.finetuned_endpoint(opts.base, opts.base_options), opts.base
 
 

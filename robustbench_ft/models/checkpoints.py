@@ -32,6 +32,7 @@ from robustbench_ft.models.clip import (
     read_state_dict,
     resolve_device,
 )
+from robustbench_ft.models.hub import HubError, HubFile, fetch, is_hub
 from robustbench_ft.util import file_sha256
 
 ENCODER_PREFIXES: tuple[str, ...] = ("", "model.", "image_encoder.model.", "module.model.")
@@ -54,26 +55,46 @@ def describe_layout(state: dict[str, torch.Tensor]) -> tuple[str, str | None]:
     return prefixes[0], heads[0] if heads else None
 
 
+def _fetch_hub(reference: str) -> HubFile:
+    """The checkpoint an hf-hub reference names, with a classifier's ``.json`` sidecar fetched beside it."""
+    checkpoint = fetch(reference)
+    if checkpoint.path.suffix == ".safetensors":
+        try:
+            fetch(checkpoint.ref, str(Path(checkpoint.ref.filename or checkpoint.path.name).with_suffix(".json")))
+        except HubError:
+            pass  # not a classifier saved by this harness: read as a state dict
+    return checkpoint
+
+
 def import_checkpoint(path: str | Path, model: str, classnames: Sequence[str], templates: Sequence[str], *,
                       trust_pickle: bool = False, device: str | torch.device = "cpu") -> Classifier:
     """A :class:`Classifier` for ``classnames`` from a fine-tuned checkpoint of the architecture ``model``.
 
     A classifier saved by this harness (with its JSON sidecar) is loaded as it is. Otherwise the
     image encoder must match ``model`` exactly (the first mismatching keys are named), a head must
-    have one row per class, and a checkpoint without a head must hold the text tower.
+    have one row per class, and a checkpoint without a head must hold the text tower. ``path`` may be
+    an ``hf-hub:ORG/REPO[@REVISION][/FILE]`` reference (:mod:`robustbench_ft.models.hub`), fetched into
+    the hub cache first (a ``.safetensors`` FILE with its ``.json`` sidecar beside it on the hub is a
+    saved classifier).
     """
-    path = Path(path)
+    hub_file = _fetch_hub(path) if is_hub(path) else None
+    path = hub_file.path if hub_file is not None else Path(path)
     if path.suffix == ".safetensors" and path.with_suffix(".json").is_file():
-        return Classifier.load(path, device=device, expected_model=model)
+        classifier = Classifier.load(path, device=device, expected_model=model)
+        if hub_file is not None:
+            classifier.info.provenance["hf_hub"] = hub_file.provenance()
+        return classifier
     state = read_state_dict(path, trust_pickle=trust_pickle)
     encoder_prefix, head_prefix = describe_layout(state)
     clip_net, _, preprocess_eval = create_architecture(model)
     visual = {k[len(encoder_prefix) + len("visual."):]: v for k, v in state.items()
               if k.startswith(f"{encoder_prefix}visual.")}
     check_state_dict(clip_net.visual.state_dict(), visual, f"{path} (image encoder)")
-    digest = file_sha256(path)
-    provenance = {"imported_from": str(path), "sha256": digest,
+    digest = hub_file.sha256 if hub_file is not None else file_sha256(path)
+    provenance = {"imported_from": str(hub_file.ref) if hub_file is not None else str(path), "sha256": digest,
                   "layout": {"encoder": f"{encoder_prefix}visual.", "head": head_prefix or "zero-shot from its text tower"}}
+    if hub_file is not None:
+        provenance["hf_hub"] = hub_file.provenance()
     dev = resolve_device(device)
     if head_prefix is None:
         tower = {k[len(encoder_prefix):]: v for k, v in state.items() if k.startswith(encoder_prefix)}

@@ -10,10 +10,13 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import open_clip
 import torch
+
+if TYPE_CHECKING:
+    from robustbench_ft.models.hub import HubRef
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -49,11 +52,12 @@ def _quiet_random_init():
         logging.getLogger().removeFilter(log_filter)
 
 
-def create_architecture(model: str) -> tuple[torch.nn.Module, Callable, Callable]:
-    """An open_clip model with random weights and its (train, eval) transforms."""
+def create_architecture(model: str, **preprocess: Any) -> tuple[torch.nn.Module, Callable, Callable]:
+    """An open_clip model with random weights and its (train, eval) transforms; ``preprocess`` overrides
+    open_clip's transform settings (``image_mean``, ``image_std``, ...: an hf-hub repo's own)."""
     register_model_configs()
     with _quiet_random_init():
-        return open_clip.create_model_and_transforms(model, pretrained=None)
+        return open_clip.create_model_and_transforms(model, pretrained=None, **preprocess)
 
 
 def register_model_configs() -> None:
@@ -178,16 +182,22 @@ def unknown_model_error(model: str) -> KeyError:
     return KeyError(f"unknown model {model!r}.{hint} `robustbench-ft list models` shows all {len(valid)} names.")
 
 
-def resolve_weights(model: str, pretrained: str | None) -> Path | str | None:
+def resolve_weights(model: str, pretrained: str | None) -> "Path | str | HubRef | None":
     """Validate a (model, pretrained) pair without loading anything.
 
     Returns the checkpoint path for a bundled tag or a local file, the tag for an open_clip
-    pretrained tag, or None for random initialisation; raises a clear error for anything else.
+    pretrained tag, the parsed reference for ``hf-hub:ORG/REPO[@REVISION]`` (see
+    :mod:`robustbench_ft.models.hub`), or None for random initialisation; raises a clear error for
+    anything else.
     """
+    from robustbench_ft.models.hub import HubRef, is_hub
+
     register_model_configs()
     if model not in open_clip.list_models():
         raise unknown_model_error(model)
     pretrained = pretrained or RANDOM_INIT
+    if is_hub(pretrained):
+        return HubRef.parse(pretrained)
     bundled = BUNDLED_WEIGHTS.get((model, pretrained))
     if bundled is not None:
         if not bundled.is_file():
@@ -215,14 +225,26 @@ def load_clip(model: str, pretrained: str | None = RANDOM_INIT, device: str | to
     """Build an open_clip model and load its weights.
 
     ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b79k``: downloaded by open_clip
-    on first use), a tag bundled with this package (``rbft-demo``), a local checkpoint file, or
-    ``random`` for random initialisation.
+    on first use), a tag bundled with this package (``rbft-demo``), a local checkpoint file, an
+    ``hf-hub:ORG/REPO[@REVISION]`` reference (open_clip's hub loader and huggingface_hub's cache;
+    the repo's config must be ``model``'s, its preprocessing is used), or ``random`` for random
+    initialisation.
     """
+    from robustbench_ft.models import hub
+
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     dev = resolve_device(device)
     weights = resolve_weights(model, pretrained)
-    if isinstance(weights, Path):
+    if isinstance(weights, hub.HubRef):
+        config = hub.model_config(weights)
+        hub.check_architecture(weights, model, config)
+        files = hub.fetch(weights)
+        net, preprocess_train, preprocess_eval = create_architecture(model, **hub.preprocess_arguments(config))
+        state = read_state_dict(files.path, trust_pickle=trust_pickle)
+        check_state_dict(net.state_dict(), state, f"{weights} ({files.path.name})")
+        net.load_state_dict(state)
+    elif isinstance(weights, Path):
         net, preprocess_train, preprocess_eval = create_architecture(model)
         state = read_state_dict(weights, trust_pickle=trust_pickle)
         check_state_dict(net.state_dict(), state, str(weights))

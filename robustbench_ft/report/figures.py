@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from robustbench_ft.results import ResultRecord
 from robustbench_ft.robustness.axes import inverse_transform, transform
 from robustbench_ft.robustness.baseline import SHIFT_AVG, Baseline, fit_x, shift_score
-from robustbench_ft.robustness.fits import Fit, PiecewiseFit
+from robustbench_ft.robustness.fits import Fit, PiecewiseFit, fit_linear
 
 DPI = 110
 FIGSIZE = (5.4, 4.6)
@@ -186,6 +186,7 @@ def scatter_figure(
         handles.append(ax.scatter(T(base_xy[0]), T(base_xy[1]), s=18, color=BASELINE_DOT, edgecolor="white",
                                   lw=0.4, zorder=3, label=f"baseline models ({base_xy.shape[1]})"))
 
+    handles += _zeroshot_trend(ax, cand_pts, kind)
     handles += _draw_candidates(ax, cand_pts, T)
 
     _set_percent_axis(ax, "x", *xlim, kind)
@@ -206,14 +207,43 @@ def scatter_figure(
     return fig
 
 
+MIN_TREND_MODELS = 3  # a zero-shot trend is drawn through at least this many models' zero-shot points
+
+
+def _zeroshot_trend(ax, pts: list[_Point], kind: str) -> list:
+    """The zero-shot models' own trend (a model x pretrained grid): a least-squares line in ``kind``
+    coordinates through one zero-shot point per model, over their x range, as the effective-robustness
+    literature draws zero-shot CLIP models beside the standard-training baseline (Radford et al. 2021,
+    Fig. 13; Taori et al. 2020's fit applied to these points)."""
+    zs = {(p.record.model, p.record.pretrained): p for p in pts if p.endpoint == "zeroshot"}
+    if len(zs) < MIN_TREND_MODELS:
+        return []
+    xs, ys = [p.x for p in zs.values()], [p.y for p in zs.values()]
+    try:
+        fit = fit_linear(xs, ys, kind)
+    except ValueError:  # coincident x values: no slope
+        return []
+    tx = transform(np.asarray(xs), kind)
+    grid = np.linspace(tx.min(), tx.max(), 50)
+    return ax.plot(grid, fit.slope * grid + fit.intercept, ls="--", lw=1.4, color=ZEROSHOT, zorder=3,
+                   label=f"zero-shot trend ({len(zs)} models, r = {fit.r:.2f})")
+
+
+def _curve_key(record: ResultRecord, several_models: bool) -> str:
+    """The curve a point is on: its tag, and in a multi-model report the model (each has its own curve)."""
+    curve = record.tags["curve"]
+    return f"{record.model} {record.pretrained}: {curve}" if several_models else curve
+
+
 def _draw_candidates(ax, pts: list[_Point], T) -> list:
     """Curves (joined in α order, α annotated), endpoints, then other candidates by method."""
     handles: list = []
     curves: dict[str, list[_Point]] = defaultdict(list)
     others: dict[tuple[str, str], list[_Point]] = defaultdict(list)
+    several = len({(p.record.model, p.record.pretrained) for p in pts}) > 1
     for p in pts:
         if isinstance(p.record.tags.get("curve"), str):
-            curves[p.record.tags["curve"]].append(p)
+            curves[_curve_key(p.record, several)].append(p)
         elif p.endpoint is None:
             others[(p.record.kind, p.record.method)].append(p)
 
@@ -254,6 +284,30 @@ def _draw_candidates(ax, pts: list[_Point], T) -> list:
             facecolor="none" if published else color, edgecolor=color, lw=1.2, zorder=5,
             label=mpl_text(f"{method} (published)" if published else method)))
     return handles
+
+
+TRAIN_PANELS = (("loss", "training loss", "#1f6fb4"), ("lr", "learning rate", "#2a9d8f"),
+                ("grad_norm", "gradient norm (before clipping)", "#d1495b"))
+
+
+def training_figure(curve: dict, title: str) -> Figure:
+    """A fine-tuning run's curve (``ResultRecord.training["curve"]``): loss, learning rate and gradient norm
+    against the optimisation step, one panel each."""
+    fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * 1.15), dpi=DPI)
+    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.1, top=0.92, hspace=0.35)
+    axes = fig.subplots(len(TRAIN_PANELS), 1, sharex=True)
+    steps = np.asarray(curve["step"], dtype=float)
+    for ax, (key, label, color) in zip(axes, TRAIN_PANELS):
+        values = np.asarray([np.nan if v is None else v for v in curve[key]], dtype=float)
+        ax.plot(steps, values, color=color, lw=1.2)
+        ax.set_ylabel(label, fontsize=7.5)
+        ax.grid(True, color="#e6e8eb", lw=0.6)
+        ax.tick_params(labelsize=7)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    axes[-1].set_xlabel("optimisation step", fontsize=8)
+    axes[0].set_title(mpl_text(title, MAX_AXIS_LABEL), fontsize=10, loc="left")
+    return fig
 
 
 def figure_bytes(fig: Figure) -> tuple[bytes, bytes]:

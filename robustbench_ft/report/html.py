@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import jinja2
 
-from robustbench_ft.report.figures import figure_bytes, scatter_figure
+from robustbench_ft.report.figures import figure_bytes, scatter_figure, training_figure
 from robustbench_ft.report.tables import (
     accuracy_table,
     alpha_gain_table,
@@ -24,6 +24,7 @@ from robustbench_ft.report.tables import (
     analysis_tables,
     er_table,
     fit_table,
+    model_label,
     percent,
     seeds_table,
 )
@@ -45,11 +46,11 @@ class FigureView:
 
 
 def _sort_key(record: ResultRecord) -> tuple:
-    """Curves first (in α order), then everything else by name."""
+    """By model (a grid's records), then curves first (in α order), then everything else by name."""
     curve = record.tags.get("curve")
     alpha = alpha_of(record)
-    return (not isinstance(curve, str), str(curve or ""), alpha if alpha is not None else float("inf"),
-            record.method, record.candidate)
+    return (record.model, record.pretrained, not isinstance(curve, str), str(curve or ""),
+            alpha if alpha is not None else float("inf"), record.method, record.candidate)
 
 
 def _single(records: Sequence[ResultRecord], attr: str) -> str:
@@ -135,6 +136,31 @@ def _write_figures(records: Sequence[ResultRecord], keys: list[str], fig_dir: Pa
     return figures
 
 
+def _write_training_figures(records: Sequence[ResultRecord], fig_dir: Path) -> list[FigureView]:
+    """One figure per distinct fine-tuning curve among the records (a WiSE-FT curve's candidates share one)."""
+    figures: list[FigureView] = []
+    seen: dict[str, list[str]] = {}
+    curves: dict[str, tuple[dict, ResultRecord]] = {}
+    for r in records:
+        curve = r.training.get("curve") if isinstance(r.training, dict) else None
+        if not isinstance(curve, dict) or not curve.get("step"):
+            continue
+        key = json.dumps(curve, sort_keys=True)
+        seen.setdefault(key, []).append(r.candidate)
+        curves.setdefault(key, (curve, r))
+    for i, (key, (curve, r)) in enumerate(curves.items()):
+        facts = r.training
+        title = (f"{r.method} on {r.model}: batch {facts.get('global_batch')}, {facts.get('devices')} device(s), "
+                 f"{len(curve['step'])} of {facts.get('steps')} steps shown")
+        png, svg = figure_bytes(training_figure(curve, title))
+        name = f"training-{i}"
+        atomic_write_bytes(fig_dir / f"{name}.png", png)
+        atomic_write_bytes(fig_dir / f"{name}.svg", svg)
+        figures.append(FigureView(name, f"training of {', '.join(seen[key][:4])}",
+                                  "data:image/png;base64," + base64.b64encode(png).decode("ascii")))
+    return figures
+
+
 def template_environment() -> jinja2.Environment:
     """The templates of the report and the leaderboard: autoescaped, and a missing variable is an
     error rather than an empty string."""
@@ -176,6 +202,7 @@ def render_report(
     out_dir = Path(out_dir)
     figures = _write_figures(records, [*shifts, SHIFT_AVG] if avg_shifts else shifts, out_dir / "figures",
                              avg_shifts=avg_shifts, baseline=baseline, kind=kind, n_boot=n_boot)
+    training = _write_training_figures(candidates, out_dir / "figures")
     # against the report's baseline when there is one, else whatever the records carry
     er_by_id = ({r.record_id: compute_effective_robustness(r, baseline) for r in candidates}
                 if baseline is not None else {r.record_id: r.effective_robustness for r in candidates})
@@ -189,13 +216,15 @@ def render_report(
         "shifts": shifts,
         "avg_shifts": avg_shifts,
         "transform": kind,
-        "summary": [("suite", suite), ("model", f"{first.model} ({first.pretrained})"), ("reference", reference),
+        "summary": [("suite", suite), ("model", ", ".join(dict.fromkeys(model_label(r) for r in candidates))
+                                       or model_label(first)), ("reference", reference),
                     ("shifts", ", ".join(shifts) or "—"), ("candidates", str(len(candidates))),
                     ("baseline models", str(len(base_records)) if base_records else "—"),
                     ("baseline", baseline.name if baseline is not None else "none"),
                     ("axis scale", kind)],
         "highlights": _highlights(candidates, reference, avg_shifts, er_by_id),
         "figures": figures,
+        "training": training,
         "accuracy": accuracy_table(candidates, reference, shifts, avg_shifts,
                                     with_alpha=any(alpha_of(r) is not None for r in candidates)) if candidates else None,
         "baseline_accuracy": accuracy_table(sorted(base_records, key=lambda r: r.score(reference)), reference,

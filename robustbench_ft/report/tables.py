@@ -49,9 +49,15 @@ def metric_label(records: Sequence[ResultRecord], dataset: str) -> str:
     return dataset if metric == "top1" else f"{dataset} ({metric})"
 
 
+def model_label(record: ResultRecord) -> str:
+    return f"{record.model} ({record.pretrained})"
+
+
 def accuracy_table(records: Sequence[ResultRecord], reference: str, shifts: list[str],
                     avg_shifts: list[str], *, with_alpha: bool) -> Table:
-    columns = [Cell("candidate"), Cell("method"), *([Cell("α", "num")] if with_alpha else []),
+    with_model = len({model_label(r) for r in records}) > 1  # a model grid: the candidate names repeat
+    columns = [Cell("candidate"), *([Cell("model")] if with_model else []), Cell("method"),
+               *([Cell("α", "num")] if with_alpha else []),
                Cell(metric_label(records, reference) + " (ref)", "num"),
                *(Cell(metric_label(records, s), "num") for s in shifts),
                Cell("shift avg", "num", "mean over " + ", ".join(avg_shifts))]
@@ -61,7 +67,8 @@ def accuracy_table(records: Sequence[ResultRecord], reference: str, shifts: list
     table = Table(columns)
     for r, vals in zip(records, values):
         alpha = alpha_of(r)
-        row = [Cell(r.candidate, "name", r.record_id), Cell(r.method)]
+        row = [Cell(r.candidate, "name", r.record_id), *([Cell(model_label(r))] if with_model else []),
+               Cell(r.method)]
         if with_alpha:
             row.append(Cell("" if alpha is None else f"{alpha:g}", "num"))
         row += [Cell(percent(v), "num" + (" best" if v is not None and v == b and len(records) > 1 else ""))

@@ -80,8 +80,15 @@ class Manifest:
                 f"no {MANIFEST_FILE} in {directory}: the shard set is missing or its build was interrupted; "
                 f"{REBUILD_HINT}"
             )
+        return cls.from_json(path.read_text(encoding="utf-8"), str(path))
+
+    @classmethod
+    def from_json(cls, text: str, path: str) -> "Manifest":
+        """A manifest from its JSON text (read from a file or fetched from a URL); ``path`` names it in errors."""
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError(f"a manifest is a JSON object, not {type(data).__name__}")
             if data.get("format") != FORMAT or data.get("version") != VERSION:
                 raise ShardError(
                     f"{path} is not a {FORMAT} version {VERSION} manifest "

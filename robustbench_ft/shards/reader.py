@@ -87,14 +87,14 @@ def read_shard(path: Path, num_classes: int, expected_samples: int | None = None
 def _sample_or_bad(path: Path, key: str, group: dict[str, bytes], num_classes: int,
                    keep_bad: bool) -> RawSample | BadSample:
     try:
-        return _make_sample(path, key, group, num_classes)
+        return make_sample(path, key, group, num_classes)
     except ShardError as e:
         if not keep_bad:
             raise
         return BadSample(key, str(e))
 
 
-def _make_sample(path: Path, key: str, group: dict[str, bytes], num_classes: int) -> RawSample:
+def make_sample(path: Path, key: str, group: dict[str, bytes], num_classes: int) -> RawSample:
     image_ext = image_member(path, key, group)
     label = parse_label(path, key, group["cls"], num_classes)
     meta = None
