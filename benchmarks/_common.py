@@ -138,7 +138,7 @@ def decode_and_forward_costs(shards: Path, preprocess: Callable, model: torch.nn
     own speed, with the same precision and memory format an evaluation uses.
     """
     from robustbench_ft.evaluation.pipeline import eval_pipeline
-    from robustbench_ft.loading.shard_dataset import make_loader
+    from robustbench_ft.loading.loader import make_loader
     from robustbench_ft.models.clip import autocast
     from robustbench_ft.shards.manifest import Manifest
 

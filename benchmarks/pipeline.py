@@ -28,7 +28,8 @@ from robustbench_ft.evaluation.dataset_pass import evaluate
 from robustbench_ft.evaluation.options import EvalOptions
 from robustbench_ft.evaluation.pipeline import eval_pipeline
 from robustbench_ft.loading.eval_decode import CPUDecoder, parse_eval_transform
-from robustbench_ft.loading.shard_dataset import decode_image, make_loader
+from robustbench_ft.loading.loader import make_loader
+from robustbench_ft.loading.shard_dataset import decode_image
 from robustbench_ft.models.classifier import Classifier
 from robustbench_ft.shards.manifest import Manifest
 from robustbench_ft.shards.reader import read_shard

@@ -28,7 +28,7 @@ import _common as common
 from robustbench_ft.evaluation.dataset_pass import evaluate
 from robustbench_ft.evaluation.options import EvalOptions
 from robustbench_ft.evaluation.pipeline import eval_pipeline
-from robustbench_ft.loading.shard_dataset import make_loader
+from robustbench_ft.loading.loader import make_loader
 from robustbench_ft.models.classifier import Classifier
 
 

@@ -7,11 +7,10 @@ RunConfig into the run that executes (suite defaults applied, options typed) and
 from __future__ import annotations
 
 import re
+import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
-
-import tomllib
 
 from robustbench_ft.typed import ConfigError, check, check_fields
 

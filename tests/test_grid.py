@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from robustbench_ft.board.export import records_to_table
 from robustbench_ft.cli import main
 from robustbench_ft.grid import parse_pairs
 from robustbench_ft.models.clip import create_architecture
 from robustbench_ft.report.figures import scatter_figure
-from robustbench_ft.results import ResultRecord, load_records, records_to_table
+from robustbench_ft.results import ResultRecord, load_records
 
 
 def test_pairs_are_the_product_of_lists_or_the_lines_of_a_file(tmp_path):

@@ -225,7 +225,7 @@ def test_missing_demo_package_says_how_to_install(monkeypatch):
 
 
 def test_records_load_into_pandas(run_dirs):
-    from robustbench_ft.results import records_to_frame
+    from robustbench_ft.board.export import records_to_frame
 
     out = run(RunConfig(method="wise-ft", method_options={"alpha": "0.5"}, **TINY, **run_dirs), progress=False,
               log=lambda m: None)

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from robustbench_ft.convert.imagefolder import ImageFolderError, write_imagefolder_shards
-from robustbench_ft.loading.shard_dataset import ShardDataset, make_loader
+from robustbench_ft.loading.loader import make_loader
+from robustbench_ft.loading.shard_dataset import ShardDataset
 from robustbench_ft.shards.manifest import Manifest, ShardError
 from robustbench_ft.shards.tarformat import iter_tar_members
 from robustbench_ft.shards.verify import verify_shards

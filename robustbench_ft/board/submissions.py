@@ -15,28 +15,27 @@ Format (``schema_version`` 1)::
                 "checkpoint": {"file": "model.safetensors", "sha256": "<64 hex>"}
                               | {"hf_hub": "org/repo", "revision": "<40 hex>", "file": "...", "sha256": "<64 hex>"}
                               | null},
+     "records": [<result record>, ...]}
 
 A checkpoint on the Hugging Face hub (``submit --checkpoint hf-hub:ORG/REPO[@REVISION][/FILE]``) is
 recorded by repo, the commit the hub cache resolved, the file and its sha256, so that anyone can fetch
 that exact file and check it.
-     "records": [<result record>, ...]}
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from robustbench_ft.board.untrusted import UntrustedJSONError, parse_untrusted_json, unsafe_character
 from robustbench_ft.results import RecordError, ResultRecord, now_iso, write_record
-from robustbench_ft.util import DuplicateKeyError, atomic_write_text, slugify, unique_keys
+from robustbench_ft.util import atomic_write_text, file_sha256, slugify
 
 BUNDLE_FORMAT = "robustbench-ft-submission"
 BUNDLE_SCHEMA_VERSION = 1
@@ -55,19 +54,7 @@ SHA256_RE = re.compile(r"[0-9a-f]{64}")
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 HUB_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 HUB_CHECKPOINT_KEYS = {"hf_hub", "revision", "file", "sha256"}
-# Unicode categories never allowed in bundle text: controls (C0 and C1; tab and newline excepted),
-# format characters (bidi overrides and isolates, zero-width spaces and joiners, BOM), surrogates,
-# private use, unassigned code points, line and paragraph separators.
-UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
-
-def unsafe_character(text: str) -> str | None:
-    """The first character of ``text`` a bundle may not contain (markup brackets or an unsafe
-    Unicode category), as U+XXXX, or None."""
-    for ch in text:
-        if ch in "<>" or (ch not in "\t\n" and unicodedata.category(ch) in UNSAFE_CATEGORIES):
-            return f"U+{ord(ch):04X}"
-    return None
 TOP_KEYS = {"format", "schema_version", "created", "method", "records"}
 METHOD_KEYS = {"name", "paper", "code", "checkpoint"}
 
@@ -99,14 +86,6 @@ class Bundle:
         return slugify(self.method.name)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checkpoint_entry(checkpoint: str | Path) -> dict[str, Any]:
     """The bundle's ``method.checkpoint``: a local file by name and sha256, an hf-hub reference by repo,
     resolved commit, file and sha256 (fetched into the hub cache to hash it)."""
@@ -116,7 +95,7 @@ def checkpoint_entry(checkpoint: str | Path) -> dict[str, Any]:
         found = fetch(str(checkpoint))
         return {"hf_hub": found.ref.repo, "revision": found.commit, "file": found.ref.filename or found.path.name,
                 "sha256": found.sha256}
-    return {"file": Path(checkpoint).name, "sha256": sha256_file(Path(checkpoint))}
+    return {"file": Path(checkpoint).name, "sha256": file_sha256(checkpoint)}
 
 
 def make_bundle(records: Iterable[ResultRecord], *, name: str, paper: str, code: str,
@@ -143,23 +122,6 @@ def write_bundle(bundle: dict[str, Any], path: Path) -> Path:
 # Reading and validation
 # --------------------------------------------------------------------------------------------
 
-def _refuse_constant(name: str) -> float:
-    raise SubmissionError(f"the bundle contains {name}; every number must be finite")
-
-
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise SubmissionError(f"the bundle contains the number {text[:40]!r}, too large to be finite")
-    return value
-
-
-def _parse_int(text: str) -> int:
-    if len(text.lstrip("-")) > 15:
-        raise SubmissionError(f"the bundle contains the integer {text[:40]}…, far too large for any count")
-    return int(text)
-
-
 def read_bundle(path: Path) -> Bundle:
     """Parse and validate a bundle file (see ``validate_bundle``)."""
     path = Path(path)
@@ -173,13 +135,8 @@ def read_bundle(path: Path) -> Bundle:
     except UnicodeDecodeError as exc:
         raise SubmissionError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        data = json.loads(text, parse_constant=_refuse_constant, parse_float=_parse_float, parse_int=_parse_int,
-                          object_pairs_hook=unique_keys)
-    except json.JSONDecodeError as exc:
-        raise SubmissionError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
-    except RecursionError:
-        raise SubmissionError(f"{path}: nested too deeply to be a submission bundle") from None
-    except (SubmissionError, DuplicateKeyError) as exc:
+        data = parse_untrusted_json(text)
+    except UntrustedJSONError as exc:
         raise SubmissionError(f"{path}: {exc}") from None
     return validate_bundle(data, source=str(path))
 

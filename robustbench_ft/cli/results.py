@@ -104,7 +104,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from robustbench_ft.results import load_records, records_to_table
+    from robustbench_ft.board.export import records_to_table
+    from robustbench_ft.results import load_records
 
     paths = args.results or [Path(args.results_dir)]
     records = load_records(paths)

@@ -35,7 +35,8 @@ from robustbench_ft.evaluation.cache import ArrayCache
 from robustbench_ft.evaluation.options import EvalOptions
 from robustbench_ft.evaluation.pipeline import EvalPipeline, eval_pipeline
 from robustbench_ft.evaluation.rows import Rows, RowStore
-from robustbench_ft.loading.shard_dataset import describe_skipped, make_loader, worker_errors
+from robustbench_ft.loading.loader import make_loader
+from robustbench_ft.loading.shard_dataset import describe_skipped, worker_errors
 from robustbench_ft.models.classifier import Classifier, state_hash
 from robustbench_ft.models.clip import autocast
 from robustbench_ft.shards.manifest import Manifest, ShardError

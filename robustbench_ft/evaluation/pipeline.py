@@ -17,7 +17,7 @@ from robustbench_ft.loading.eval_decode import CPUDecoder, parse_eval_transform,
 class EvalPipeline:
     """How one pass turns shard samples into model inputs.
 
-    ``loader_kwargs`` go to :func:`~robustbench_ft.loading.shard_dataset.make_loader` (a PIL ``transform``, or
+    ``loader_kwargs`` go to :func:`~robustbench_ft.loading.loader.make_loader` (a PIL ``transform``, or
     a bytes ``decoder`` and its ``collate_fn``); ``prepare(images, indices)`` turns a batch's images
     into the float input on the device; ``transform_id`` names the pixels produced (cache keys).
     """

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from robustbench_ft.evaluation.cache import ArrayCache
 from robustbench_ft.loading.eval_decode import transform_id
-from robustbench_ft.loading.shard_dataset import make_loader
+from robustbench_ft.loading.loader import make_loader
 from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.registry import register_method
 from robustbench_ft.models.classifier import Classifier, ClassifierInfo, same_encoder, state_hash
