@@ -1,0 +1,113 @@
+"""DiGraP, directional gradient projection (Huang, Tian, Maneechotesuwan, Chopra & Kira, Directional Gradient
+Projection for Robust Fine-Tuning of Foundation Models, ICLR 2025, arXiv:2502.15895).
+
+The fine-tuning loss L and the regulariser R = ½‖θ−θ₀‖² are treated as two objectives; where their
+gradients g and c = θ−θ₀ conflict (⟨g, c⟩ < 0) the loss gradient is projected towards the normal
+plane of c by a per-tensor strength ω ∈ [0, 1] that is learned by hyper-optimisation. No official
+release was found; this follows the closest code, ``SPCG`` in the authors' research repository
+chengyuehuang511/vlm_robustness ``optimizer/spcg.py`` (commit 91d73a1, branch ``trainable_pcgrad``), as
+``/work/shared/METHODS.md`` §4 and ``projection.md`` §4.1 give it. Per tensor, at step t:
+
+1. c = θ_{t−1} − θ₀, dot = ⟨g_t, c⟩, lc_t = dot/(‖c‖² + 1e-8)·c (kept for the next step).
+2. ω: 0 at the tensor's first step; then h_t = cos(g_t, lc_{t−1}) and
+   ω_t = clamp(ω_{t−1} − μ·Adam(h_t), 0, 1) (β = 0.9, 0.999, ε 1e-8, bias-corrected with the global step).
+   At t = 2, lc₁ = 0 (θ₁ = θ₀ ⇒ c = 0), so h = 0 and ω first moves at t = 3, as in the code.
+3. If dot < 0: g̃ = g − ω_t·dot/‖c‖²·c, else g̃ = g. Then a plain Adam step on g̃ (no weight decay).
+
+Defaults: μ = 0.5 (``--strength-lr``; ``TPCGrad.mu`` at 91d73a1. The same file had 5e-2 at 597e8e3,
+and the run directories of the config at 91d73a1 suggest a sweep over μ ∈ {1e-2, 1e-1, 0.5, 1, 10};
+the paper's value was not retrieved), upper clamp κ = 1, ω₀ = 0, Adam betas and eps as torch's, AdamW
+decay 0 (the code overwrites its ``weight_decay`` with ω; ``--weight-decay`` adds the harness's
+decoupled decay), the harness's learning rate, schedule and gradient clipping (clipping rescales g,
+which changes neither the cosine nor the projection's direction). Head anchored (``--project-head``):
+its anchor is the zero-shot head.
+
+Departures, written down:
+
+* **1-D tensors.** The code's hyper-gradient is ``Σ F.normalize(g) ⊙ F.normalize(lc)`` with the default
+  ``dim=1``: a sum of per-row cosines for matrices, along input channels for conv weights, and an
+  ``IndexError`` on 1-D tensors (biases, LayerNorm, embeddings), so the research code runs only on LoRA
+  matrices. Here h is the cosine of the flattened tensors, for every tensor (one number in [−1, 1];
+  scale does not matter much, Adam normalises h). ``F.normalize``'s 1e-12 floor on each norm is kept.
+* The code modifies ``p.grad`` in place; here the projected gradient is local to the step.
+* ``exclude_set`` (ignored by the code) is ``--project-head``; the LoRA mode (anchor 0), the per-step
+  prints and ``pcgrad.py``'s two-strength variant are not provided. All state (Adam moments, ω, its
+  moments, lc_{t−1}) is in ``optimizer.state``, the global step in the param group (bit-exact resume).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from robustbench_ft.methods.anchored import AnchoredAdam, AnchoredOptions, anchored_factory, check_range, scalar_adam
+from robustbench_ft.methods.context import Candidate, MethodContext
+from robustbench_ft.methods.finetune import finetune_classifier
+from robustbench_ft.methods.registry import register_method
+from robustbench_ft.methods.training import OptimizerFactory
+from robustbench_ft.models.classifier import Classifier
+
+LC_EPS = 1e-8          # in lc's denominator (spcg.py)
+NORMALIZE_EPS = 1e-12  # F.normalize's floor on a norm
+MAX_STRENGTH = 1.0     # κ, the upper clamp of ω (spcg.py)
+
+
+@dataclass(frozen=True)
+class DiGraPOptions(AnchoredOptions):
+    strength_lr: float = 0.5   # μ, the learning rate of ω's Adam (TPCGrad.mu in spcg.py @ 91d73a1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("digrap", "strength_lr", self.strength_lr, 0.0)
+
+
+def deconflict(grad: torch.Tensor, deviation: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """g − ω·⟨g,c⟩/‖c‖²·c where ⟨g, c⟩ < 0, else g (ω = 1: the conflicting part of g removed)."""
+    dot, sq = torch.sum(grad * deviation), torch.sum(deviation * deviation)
+    coef = torch.where(dot < 0, -strength * dot / torch.where(sq > 0, sq, torch.ones_like(sq)), torch.zeros_like(dot))
+    return grad + coef * deviation
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos(a, b) of the flattened tensors, each norm floored at 1e-12 as F.normalize does (0 if one is 0)."""
+    norms = torch.linalg.vector_norm(a).clamp(min=NORMALIZE_EPS) * torch.linalg.vector_norm(b).clamp(min=NORMALIZE_EPS)
+    return torch.sum(a * b) / norms
+
+
+class DiGraPAdam(AnchoredAdam):
+    """Adam on the directionally projected gradient with a learned strength ω per tensor; hyper: ``strength_lr``."""
+
+    def update(self, p: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        deviation = p - anchor
+        dot = torch.sum(grad * deviation)
+        if "omega" not in state:
+            omega = torch.zeros((), device=p.device, dtype=p.dtype)
+            state["omega_m"] = torch.zeros((), device=p.device, dtype=p.dtype)
+            state["omega_v"] = torch.zeros((), device=p.device, dtype=p.dtype)
+        else:
+            h = cosine(grad, state["prev_lc"])
+            omega = scalar_adam(state["omega"], h, state, "omega", group["t"], group["strength_lr"])
+            omega = torch.clamp(omega, 0.0, MAX_STRENGTH)
+        state["omega"] = omega
+        state["prev_lc"] = dot / (torch.sum(deviation * deviation) + LC_EPS) * deviation
+        p.sub_(self.adam_step(p, deconflict(grad, deviation, omega), group))
+
+
+def digrap_optimizer(start: Classifier, opts: DiGraPOptions) -> OptimizerFactory:
+    return anchored_factory("digrap", DiGraPAdam, start, opts.project_head, strength_lr=opts.strength_lr)
+
+
+@register_method("digrap", paper="Huang, Tian, Maneechotesuwan, Chopra & Kira, Directional Gradient Projection for "
+                 "Robust Fine-Tuning of Foundation Models, ICLR 2025")
+class DiGraP:
+    """Adam on a gradient projected away from conflicts with the pull to the pre-trained weights, strength learned."""
+
+    options = DiGraPOptions
+
+    def run(self, ctx: MethodContext) -> list[Candidate]:
+        opts: DiGraPOptions = ctx.options
+        torch.manual_seed(ctx.config.seed)
+        model = ctx.cached_classifier(lambda: finetune_classifier(
+            ctx, ctx.zeroshot, opts, "digrap fine-tuning", optimizer=digrap_optimizer(ctx.zeroshot, opts)))
+        return [Candidate("digrap", model, alpha=1.0, endpoint="finetuned", base="digrap")]
