@@ -303,9 +303,12 @@ class TPGM:
 
     options = TPGMOptions
 
+    @staticmethod
+    def needs_val(options: TPGMOptions) -> bool:
+        return True  # the radii are trained on the val split (checked by resolve(), before anything is written)
+
     def run(self, ctx: MethodContext) -> list[Candidate]:
         opts: TPGMOptions = ctx.options
-        ctx.split_dir("val")  # a suite without a val split is refused before anything trains
         torch.manual_seed(ctx.config.seed)
         if opts.mode == "per-step":
             model = ctx.cached_classifier(lambda: project_per_step(ctx, opts))
