@@ -59,10 +59,10 @@ def scalar_adam(value: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], 
                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.Tensor:
     """One Adam step of a learned scalar (FTP's radius, DiGraP's strength, TPGM's radii), bias-corrected
     with step ``t``; its moments are ``state[prefix + "_m"]`` and ``[prefix + "_v"]`` (start at 0)."""
-    m = state[prefix + "_m"] = state[prefix + "_m"] * betas[0] + (1 - betas[0]) * grad
-    v = state[prefix + "_v"] = state[prefix + "_v"] * betas[1] + (1 - betas[1]) * grad * grad
-    m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
-    return value - lr * m_hat / (v_hat.sqrt() + eps)
+    m = state[prefix + "_m"] = torch.lerp(state[prefix + "_m"], grad, 1 - betas[0])
+    v = state[prefix + "_v"] = torch.addcmul(state[prefix + "_v"] * betas[1], grad, grad, value=1 - betas[1])
+    denom = v.sqrt() / math.sqrt(1 - betas[1] ** t) + eps  # √v̂ + eps, as torch.optim.Adam computes it
+    return value - m / denom * (lr / (1 - betas[0] ** t))
 
 
 class AnchoredAdam(torch.optim.Optimizer):

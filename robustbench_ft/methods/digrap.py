@@ -61,11 +61,14 @@ class DiGraPOptions(AnchoredOptions):
         check_range("digrap", "strength_lr", self.strength_lr, 0.0)
 
 
-def deconflict(grad: torch.Tensor, deviation: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
-    """g − ω·⟨g,c⟩/‖c‖²·c where ⟨g, c⟩ < 0, else g (ω = 1: the conflicting part of g removed)."""
-    dot, sq = torch.sum(grad * deviation), torch.sum(deviation * deviation)
+def deconflict(grad: torch.Tensor, deviation: torch.Tensor, strength: torch.Tensor,
+               dot: torch.Tensor | None = None, sq: torch.Tensor | None = None) -> torch.Tensor:
+    """g − ω·⟨g,c⟩/‖c‖²·c where ⟨g, c⟩ < 0, else g (ω = 1: the conflicting part of g removed); ``dot`` = ⟨g, c⟩
+    and ``sq`` = ‖c‖² where the caller has them."""
+    dot = torch.sum(grad * deviation) if dot is None else dot
+    sq = torch.sum(deviation * deviation) if sq is None else sq
     coef = torch.where(dot < 0, -strength * dot / torch.where(sq > 0, sq, torch.ones_like(sq)), torch.zeros_like(dot))
-    return grad + coef * deviation
+    return torch.addcmul(grad, deviation, coef)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -80,7 +83,7 @@ class DiGraPAdam(AnchoredAdam):
     def update(self, p: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         deviation = p - anchor
-        dot = torch.sum(grad * deviation)
+        dot, sq = torch.sum(grad * deviation), torch.sum(deviation * deviation)
         if "omega" not in state:
             omega = torch.zeros((), device=p.device, dtype=p.dtype)
             state["omega_m"] = torch.zeros((), device=p.device, dtype=p.dtype)
@@ -90,8 +93,8 @@ class DiGraPAdam(AnchoredAdam):
             omega = scalar_adam(state["omega"], h, state, "omega", group["t"], group["strength_lr"])
             omega = torch.clamp(omega, 0.0, MAX_STRENGTH)
         state["omega"] = omega
-        state["prev_lc"] = dot / (torch.sum(deviation * deviation) + LC_EPS) * deviation
-        p.sub_(self.adam_step(p, deconflict(grad, deviation, omega), group))
+        state["prev_lc"] = deviation * (dot / (sq + LC_EPS))
+        p.sub_(self.adam_step(p, deconflict(grad, deviation, omega, dot, sq), group))
 
 
 def digrap_optimizer(start: Classifier, opts: DiGraPOptions) -> OptimizerFactory:
