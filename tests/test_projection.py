@@ -357,7 +357,7 @@ def test_tpgm_radius_gradient_is_the_directional_derivative(clip):
         assert float(grads[name]) == pytest.approx(float((theta_grads[name] * projection.deltas[name]).sum()
                                                          / (norm + 1e-8)), rel=1e-6)
         eps = 1e-6 * float(radii[name])
-        loss_at = lambda g: projection.loss(finetuned, {**radii, name: radii[name] + g}, images, labels).item()  # noqa: E731
+        loss_at = lambda g: projection.loss(finetuned, {**radii, name: radii[name] + g}, images, labels).item()
         assert float(grads[name]) == pytest.approx((loss_at(eps) - loss_at(-eps)) / (2 * eps), rel=1e-4)
 
 

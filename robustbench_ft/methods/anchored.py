@@ -21,8 +21,9 @@ Each of them is Adam plus a rule that keeps a tensor near its pre-trained value 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 

@@ -44,7 +44,14 @@ from dataclasses import dataclass
 
 import torch
 
-from robustbench_ft.methods.anchored import AnchoredAdam, AnchoredOptions, anchored_factory, check_range, row_sum, scalar_adam
+from robustbench_ft.methods.anchored import (
+    AnchoredAdam,
+    AnchoredOptions,
+    anchored_factory,
+    check_range,
+    row_sum,
+    scalar_adam,
+)
 from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.finetune import finetune_classifier
 from robustbench_ft.methods.registry import register_method

@@ -1,4 +1,4 @@
-"""TPGM (Tian, Dai, Ma, He, Liu & Kira, Trainable Projected Gradient Method for Robust Fine-tuning, CVPR 2023,
+"""TPGM (Tian, Dai, Ma, He, Liu & Kira, Trainable Projected Gradient Method for Robust Fine-Tuning, CVPR 2023,
 arXiv:2303.10720).
 
 Every tensor of the fine-tuned model is pulled back towards its pre-trained value θ₀ by a learned
@@ -37,9 +37,10 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +125,7 @@ class Projection:
     norms: dict[str, torch.Tensor]
 
     @classmethod
-    def between(cls, anchors: dict[str, torch.Tensor], current: dict[str, torch.Tensor], mode: NormMode) -> "Projection":
+    def between(cls, anchors: dict[str, torch.Tensor], current: dict[str, torch.Tensor], mode: NormMode) -> Projection:
         """Over the tensors of ``anchors`` that moved (Δ = 0 has nothing to project)."""
         deltas = {n: current[n].detach() - a for n, a in anchors.items()}
         deltas = {n: d for n, d in deltas.items() if bool(d.any())}
@@ -211,7 +212,7 @@ def project_post_hoc(ctx: MethodContext, finetuned: Classifier, opts: TPGMOption
     projection = Projection.between(anchor_tensors(ctx.zeroshot, opts.project_head), dict(model.named_parameters()),
                                     opts.norm)
     radii = projection.initial_radii()
-    zero = lambda g: torch.zeros_like(g)  # noqa: E731
+    zero = lambda g: torch.zeros_like(g)
     moments = {n: {"radius_m": zero(g), "radius_v": zero(g)} for n, g in radii.items()}
     stream = HeldOutStream(ctx, opts.val_batch_size)
     batches = (stream.batch(k) for k in itertools.count())
@@ -297,7 +298,7 @@ def project_per_step(ctx: MethodContext, opts: TPGMOptions) -> Classifier:
 
 
 @register_method("tpgm", paper="Tian, Dai, Ma, He, Liu & Kira, Trainable Projected Gradient Method for Robust "
-                 "Fine-tuning, CVPR 2023")
+                 "Fine-Tuning, CVPR 2023")
 class TPGM:
     """Per-tensor projection radii towards the pre-trained weights, learned on the val split (post-hoc or per step)."""
 
