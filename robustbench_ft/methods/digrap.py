@@ -40,7 +40,15 @@ from dataclasses import dataclass
 
 import torch
 
-from robustbench_ft.methods.anchored import AnchoredAdam, AnchoredOptions, anchored_factory, check_range, scalar_adam
+from robustbench_ft.methods.anchored import (
+    AnchoredAdam,
+    AnchoredOptions,
+    anchored_factory,
+    check_range,
+    gather,
+    scalar_adam,
+    scatter,
+)
 from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.finetune import finetune_classifier
 from robustbench_ft.methods.registry import register_method
@@ -61,40 +69,56 @@ class DiGraPOptions(AnchoredOptions):
         check_range("digrap", "strength_lr", self.strength_lr, 0.0)
 
 
-def deconflict(grad: torch.Tensor, deviation: torch.Tensor, strength: torch.Tensor,
-               dot: torch.Tensor | None = None, sq: torch.Tensor | None = None) -> torch.Tensor:
-    """g − ω·⟨g,c⟩/‖c‖²·c where ⟨g, c⟩ < 0, else g (ω = 1: the conflicting part of g removed); ``dot`` = ⟨g, c⟩
-    and ``sq`` = ‖c‖² where the caller has them."""
-    dot = torch.sum(grad * deviation) if dot is None else dot
-    sq = torch.sum(deviation * deviation) if sq is None else sq
-    coef = torch.where(dot < 0, -strength * dot / torch.where(sq > 0, sq, torch.ones_like(sq)), torch.zeros_like(dot))
+def conflict_coefficient(dot: torch.Tensor, sq: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """The factor of c in g̃ = g + coef·c: −ω·⟨g,c⟩/‖c‖² where ⟨g, c⟩ < 0, else 0 (elementwise over tensors)."""
+    safe = torch.where(sq > 0, sq, torch.ones_like(sq))
+    return torch.where(dot < 0, -strength * dot / safe, torch.zeros_like(dot))
+
+
+def deconflict(grad: torch.Tensor, deviation: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """g − ω·⟨g,c⟩/‖c‖²·c where ⟨g, c⟩ < 0, else g (ω = 1: the conflicting part of g removed)."""
+    coef = conflict_coefficient(torch.sum(grad * deviation), torch.sum(deviation * deviation), strength)
     return torch.addcmul(grad, deviation, coef)
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """cos(a, b) of the flattened tensors, each norm floored at 1e-12 as F.normalize does (0 if one is 0)."""
-    norms = torch.linalg.vector_norm(a).clamp(min=NORMALIZE_EPS) * torch.linalg.vector_norm(b).clamp(min=NORMALIZE_EPS)
-    return torch.sum(a * b) / norms
+def flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1)
 
 
 class DiGraPAdam(AnchoredAdam):
     """Adam on the directionally projected gradient with a learned strength ω per tensor; hyper: ``strength_lr``."""
 
-    def update(self, p: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        deviation = p - anchor
-        dot, sq = torch.sum(grad * deviation), torch.sum(deviation * deviation)
-        if "omega" not in state:
-            omega = torch.zeros((), device=p.device, dtype=p.dtype)
-            state["omega_m"] = torch.zeros((), device=p.device, dtype=p.dtype)
-            state["omega_v"] = torch.zeros((), device=p.device, dtype=p.dtype)
-        else:
-            h = cosine(grad, state["prev_lc"])
-            omega = scalar_adam(state["omega"], h, state, "omega", group["t"], group["strength_lr"])
-            omega = torch.clamp(omega, 0.0, MAX_STRENGTH)
-        state["omega"] = omega
-        state["prev_lc"] = deviation * (dot / (sq + LC_EPS))
-        p.sub_(self.adam_step(p, deconflict(grad, deviation, omega, dot, sq), group))
+    def update_anchored(self, items: list[tuple[torch.Tensor, torch.Tensor]], group: dict) -> None:
+        states = [self.state[p] for p, _ in items]
+        first = [("omega" not in s) for s in states]  # ω = 0 at a tensor's first step
+        devs, dots, sqs, cross, grad_norms, lc_norms = [], [], [], [], [], []
+        for (p, anchor), state, new in zip(items, states, first):
+            dev = torch.sub(p, anchor)
+            devs.append(dev)
+            dots.append(torch.dot(flat(p.grad), flat(dev)))
+            sqs.append(torch.dot(flat(dev), flat(dev)))
+            if not new:  # for cos(g_t, lc_{t−1}), each norm floored as F.normalize does
+                cross.append(torch.dot(flat(p.grad), flat(state["prev_lc"])))
+                grad_norms.append(torch.linalg.vector_norm(p.grad))
+                lc_norms.append(torch.linalg.vector_norm(state["prev_lc"]))
+        dot, sq = torch.stack(dots), torch.stack(sqs)
+        old = [s for s, new in zip(states, first) if not new]
+        if old:
+            floor = NORMALIZE_EPS
+            h = torch.stack(cross) / (torch.stack(grad_norms).clamp(min=floor) * torch.stack(lc_norms).clamp(min=floor))
+            moments = {"omega_m": gather(old, "omega_m"), "omega_v": gather(old, "omega_v")}
+            omega = scalar_adam(gather(old, "omega"), h, moments, "omega", group["t"], group["strength_lr"])
+            scatter(old, {"omega": omega.clamp(0.0, MAX_STRENGTH), **moments})
+        for state, new in zip(states, first):
+            if new:
+                zero = torch.zeros((), device=dot.device, dtype=dot.dtype)
+                state.update(omega=zero, omega_m=zero.clone(), omega_v=zero.clone())
+        coef = conflict_coefficient(dot, sq, gather(states, "omega"))
+        keep = dot / (sq + LC_EPS)  # lc_t = ⟨g,c⟩/(‖c‖² + 1e-8)·c
+        for (p, _), state, dev, c, k in zip(items, states, devs, coef.unbind(), keep.unbind()):
+            projected = torch.addcmul(p.grad, dev, c)
+            state["prev_lc"] = dev.mul_(k)
+            p.sub_(self.adam_step(p, projected, group))
 
 
 def digrap_optimizer(start: Classifier, opts: DiGraPOptions) -> OptimizerFactory:

@@ -49,8 +49,10 @@ from robustbench_ft.methods.anchored import (
     AnchoredOptions,
     anchored_factory,
     check_range,
+    gather,
     row_sum,
     scalar_adam,
+    scatter,
 )
 from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.finetune import finetune_classifier
@@ -78,21 +80,30 @@ class FTPOptions(AnchoredOptions):
 class FTPAdam(AnchoredAdam):
     """Adam + FTP's trainable projection (see the module docstring); hyper: ``kappa``, ``radius_lr``."""
 
-    def update(self, p: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor, group: dict) -> None:
-        c = p - self.adam_step(p, grad, group) - anchor
-        norms = row_sum(c.abs()) + NORM_EPS
-        state = self.state[p]
-        if "gamma" not in state:
-            gamma = torch.full((), FIRST_RADIUS, device=p.device, dtype=p.dtype)
-            state["gamma_m"] = torch.zeros((), device=p.device, dtype=p.dtype)
-            state["gamma_v"] = torch.zeros((), device=p.device, dtype=p.dtype)
-        else:
-            h = (row_sum(grad * state["prev_c"]) * state["prev_scale"]).sum()
-            h = torch.where(h > 0, h * group["kappa"], h)  # no host sync: the branch as arithmetic
-            gamma = scalar_adam(state["gamma"], h, state, "gamma", group["t"], group["radius_lr"])
-            gamma = torch.minimum(torch.clamp(gamma, min=FIRST_RADIUS), norms.max())  # hardtanh(γ, 1e-8, max n)
-        p.copy_(anchor + torch.clamp(gamma / norms, 0.0, 1.0) * c)
-        state["gamma"], state["prev_c"], state["prev_scale"] = gamma, c, 1.0 / norms
+    def update_anchored(self, items: list[tuple[torch.Tensor, torch.Tensor]], group: dict) -> None:
+        states = [self.state[p] for p, _ in items]
+        first = [("gamma" not in s) for s in states]  # a tensor's first projected step: γ = 1e-8, no clip
+        cands, norms, hyper = [], [], []
+        for (p, anchor), state, new in zip(items, states, first):
+            c = torch.sub(p, self.adam_step(p, p.grad, group)).sub_(anchor)  # c_t = W̃_t − W₀
+            cands.append(c)
+            norms.append(row_sum(c.abs()).add_(NORM_EPS))
+            if not new:  # h_t = Σ_r ⟨g_t[r], c_{t−1}[r]⟩ / n_{t−1}[r]
+                hyper.append(torch.mul(p.grad, state["prev_c"]).mul_(state["prev_scale"]).sum())
+        old = [s for s, new in zip(states, first) if not new]
+        if old:
+            h = torch.stack(hyper)
+            h = torch.where(h > 0, h * group["kappa"], h)  # annealing, without a host sync
+            moments = {"gamma_m": gather(old, "gamma_m"), "gamma_v": gather(old, "gamma_v")}
+            gamma = scalar_adam(gather(old, "gamma"), h, moments, "gamma", group["t"], group["radius_lr"])
+            tops = torch.stack([n.max() for n, new in zip(norms, first) if not new])
+            scatter(old, {"gamma": torch.minimum(gamma.clamp(min=FIRST_RADIUS), tops), **moments})  # hardtanh
+        for (p, anchor), state, new, c, n in zip(items, states, first, cands, norms):
+            if new:
+                zero = torch.zeros((), device=p.device, dtype=p.dtype)
+                state.update(gamma=torch.full_like(zero, FIRST_RADIUS), gamma_m=zero, gamma_v=zero.clone())
+            p.copy_(anchor).addcmul_(torch.div(state["gamma"], n).clamp_(0.0, 1.0), c)  # W₀ + clamp(γ/n, 0, 1)·c
+            state["prev_c"], state["prev_scale"] = c, n.reciprocal_()
 
 
 def ftp_optimizer(start: Classifier, opts: FTPOptions) -> OptimizerFactory:

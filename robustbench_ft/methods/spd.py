@@ -62,15 +62,22 @@ class SPDOptions(AnchoredOptions):
 class SPDAdam(AnchoredAdam):
     """Adam + selective projection decay (see the module docstring); hyper: ``spd_lambda``."""
 
-    def update(self, p: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor, group: dict) -> None:
-        deviation = p - anchor
-        inconsistent = torch.sum(grad * deviation) > 0  # c_t = −⟨g, θ−θ₀⟩ < 0
-        p.sub_(self.adam_step(p, grad, group))  # θ̃
-        new_dev = p - anchor
-        new_norm = torch.linalg.vector_norm(new_dev)
-        ratio = torch.clamp((new_norm - torch.linalg.vector_norm(deviation)) / (new_norm + RATIO_EPS), 0.0, 1.0)
-        # without a host sync: a factor of 0 where nothing triggers leaves θ̃ bit for bit
-        p.sub_(torch.where(inconsistent, group["spd_lambda"] * ratio, torch.zeros_like(ratio)) * new_dev)
+    def update_anchored(self, items: list[tuple[torch.Tensor, torch.Tensor]], group: dict) -> None:
+        dots, before, after, moved = [], [], [], []
+        for p, anchor in items:
+            deviation = torch.sub(p, anchor)
+            dots.append(torch.dot(p.grad.reshape(-1), deviation.reshape(-1)))  # −c_t = ⟨g, θ_{t−1} − θ₀⟩
+            before.append(torch.linalg.vector_norm(deviation))
+            d = self.adam_step(p, p.grad, group)
+            p.sub_(d)  # θ̃
+            moved.append(deviation.sub_(d))  # θ̃ − θ₀
+            after.append(torch.linalg.vector_norm(moved[-1]))
+        new_norm = torch.stack(after)
+        ratio = torch.clamp((new_norm - torch.stack(before)) / (new_norm + RATIO_EPS), 0.0, 1.0)
+        # the decay where c_t < 0, as arithmetic (no host sync); a factor of 0 leaves θ̃ bit for bit
+        factor = torch.where(torch.stack(dots) > 0, ratio * -group["spd_lambda"], torch.zeros_like(ratio))
+        for (p, _), dev, f in zip(items, moved, factor.unbind()):
+            p.addcmul_(dev, f)  # θ̃ − λ·r·(θ̃ − θ₀)
 
 
 def spd_optimizer(start: Classifier, opts: SPDOptions) -> OptimizerFactory:
