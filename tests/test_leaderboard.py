@@ -130,7 +130,7 @@ def test_html_is_escaped_and_uses_the_report_look(records):
 
 def test_published_entries_ship_marked_with_citations():
     published = load_records([PUBLISHED])
-    assert len(published) == 37 and all(r.kind == "published" and r.citation for r in published)
+    assert len(published) == 48 and all(r.kind == "published" and r.citation for r in published)
     ids = {r.record_id: r for r in published}
     wise = ids["published-wortsman2022-wise-ft-e2e-alpha-0.5"]
     assert wise.model == "ViT-L-14-336" and wise.reference_score == pytest.approx(0.868)
@@ -144,6 +144,11 @@ def test_published_entries_ship_marked_with_citations():
     assert wild.primary_metric["iwildcam-ood"] == "macro_f1" and wild.score("iwildcam-ood") == pytest.approx(0.356)
     fmow = ids["published-goyal2023-fmow-flyp"]
     assert fmow.score("fmow-ood") == pytest.approx(0.413) and fmow.primary_metric["fmow-ood"] == "worst_region_acc"
+    tpgm = ids["published-tian2023-imagenet-tpgm"]  # TPGM README: four shifts, no ObjectNet
+    assert tpgm.score("imagenet-r") == pytest.approx(0.7687) and "objectnet" not in tpgm.metrics
+    assert tpgm.summary["readme-avg"]["value"] == pytest.approx(0.6927) and "imagenet" in tpgm.summary["readme-avg"]["over"]
+    dn = ids["published-tian2023-domainnet-rn50-tpgm"]
+    assert dn.reference_score == pytest.approx(0.8241) and dn.shift_mean == pytest.approx(0.3902)
     for r in published:  # every stored number is a fraction
         assert all(0.0 <= v <= 1.0 for m in r.metrics.values() for v in m.values())
 

@@ -256,7 +256,7 @@ def _metrics(results_dir: str) -> dict:
 # --- DDP: two gloo processes against one ------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["finetune", "l2-sp", "flyp"])
+@pytest.mark.parametrize("method", ["finetune", "l2-sp", "flyp", "ftp"])  # spd, digrap pass too (issue 14 notes)
 def test_two_process_ddp_run_matches_one_process(run_dirs, tmp_path, method):
     """Global batch 8 = 2 ranks × 4 (× 2 micro-batches each): DDP's averaged gradient is the one-process
     gradient up to float rounding, so the losses agree to 1e-5, the weights to 2e-5 (lr 1e-3) and the

@@ -4,13 +4,17 @@ Importing this package registers the built-in methods; third-party packages regi
 entry-point group ``robustbench_ft.methods``.
 """
 from robustbench_ft.methods import (  # noqa: F401, E402  (register the built-in methods)
+    digrap,
     ensemble,
     finetune,
     flyp,
+    ftp,
     l2_sp,
     linear_probe,
     lp_ft,
     soup,
+    spd,
+    tpgm,
     wise_ft,
     zeroshot,
 )

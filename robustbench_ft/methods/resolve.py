@@ -93,6 +93,11 @@ def resolve(config: RunConfig) -> ResolvedRun:
     suite = get_suite(config.suite)
     method = get_method(config.method)
     options = method.make_options({**suite.method_defaults.get(method.name, {}), **config.method_options})
+    needs_val = getattr(method.cls, "needs_val", None)
+    if suite.val is None and needs_val is not None and needs_val(options):  # refused before anything is written
+        raise ValueError(f"method {method.name!r} trains on held-out data, but suite {suite.name!r} declares no "
+                         "held-out (val) split; declare one in the suite (Suite(val=(dataset, split)), e.g. a "
+                         "fraction of its training set held out as the transfer suites do) or pick another method")
     return ResolvedRun(config, suite, method, options)
 
 

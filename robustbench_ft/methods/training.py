@@ -328,8 +328,12 @@ def _load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     except Exception as exc:  # noqa: BLE001 (torch.load raises many types for a damaged file)
         log(f"ignoring unreadable training state {path} ({exc}); training from the start")
         return 0, float("nan"), TrainingCurve()
-    if state["fingerprint"] != fingerprint:
-        raise ValueError(f"{path} was saved for another schedule ({state['fingerprint']}, now {fingerprint}): the "
+    saved = state["fingerprint"]
+    if isinstance(saved, dict) and saved.get("optimizer") != fingerprint["optimizer"]:
+        raise ValueError(f"{path} was saved for another schedule: by optimizer {saved.get('optimizer')}, and this run "
+                         f"uses {fingerprint['optimizer']}; delete the file to train from the start")
+    if saved != fingerprint:
+        raise ValueError(f"{path} was saved for another schedule ({saved}, now {fingerprint}): the "
                          "training data changed since; delete the file to train from the start")
     try:  # a state of the right schedule but another model (or edited by hand): refuse, naming the file
         check_state_dict(model.state_dict(), state["model"], str(path))
