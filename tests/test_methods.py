@@ -300,6 +300,13 @@ CLI_CASES = {
                       ["zeroshot", "l2-sp", "wise-ft α=0.50"]),
     "soup-uniform": (["--method", "soup", "--kind", "uniform", "--seeds", "0,1", *TRAIN_FLAGS], ["uniform soup"]),
     "soup-greedy": (["--method", "soup", "--kind", "greedy", "--seeds", "0,1", *TRAIN_FLAGS], ["greedy soup"]),
+    "flyp-ablations": (["--method", "flyp", "--loss", "ce", "--train-text", "false", "--prompts", "fixed",
+                        *TRAIN_FLAGS], ["flyp"]),
+    "vrf": (["--method", "vrf", "--base", "ft", "--k", "1", *TRAIN_FLAGS], ["zeroshot", "finetune", "vrf"]),
+    "m2-mix": (["--method", "m2-mix", "--mmix", "0.05", *TRAIN_FLAGS], ["m2-mix"]),
+    "carot": (["--method", "carot", "--ema-every", "1", *TRAIN_FLAGS], ["carot"]),
+    "fsr": (["--method", "fsr", *TRAIN_FLAGS], ["fsr"]),
+    "model-stock": (["--method", "model-stock", "--seeds", "0,1", *TRAIN_FLAGS], ["model-stock"]),
 }
 
 

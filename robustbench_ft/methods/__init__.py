@@ -4,13 +4,18 @@ Importing this package registers the built-in methods; third-party packages regi
 entry-point group ``robustbench_ft.methods``.
 """
 from robustbench_ft.methods import (  # noqa: F401, E402  (register the built-in methods)
+    carot,
     ensemble,
     finetune,
     flyp,
+    fsr,
     l2_sp,
     linear_probe,
     lp_ft,
+    m2_mix,
+    model_stock,
     soup,
+    vrf,
     wise_ft,
     zeroshot,
 )
