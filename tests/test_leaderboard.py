@@ -129,7 +129,7 @@ def test_html_is_escaped_and_uses_the_report_look(records):
 
 def test_published_entries_ship_marked_with_citations():
     published = load_records([PUBLISHED])
-    assert len(published) == 37 and all(r.kind == "published" and r.citation for r in published)
+    assert len(published) == 51 and all(r.kind == "published" and r.citation for r in published)
     ids = {r.record_id: r for r in published}
     wise = ids["published-wortsman2022-wise-ft-e2e-alpha-0.5"]
     assert wise.model == "ViT-L-14-336" and wise.reference_score == pytest.approx(0.868)
@@ -143,6 +143,15 @@ def test_published_entries_ship_marked_with_citations():
     assert wild.primary_metric["iwildcam-ood"] == "macro_f1" and wild.score("iwildcam-ood") == pytest.approx(0.356)
     fmow = ids["published-goyal2023-fmow-flyp"]
     assert fmow.score("fmow-ood") == pytest.approx(0.413) and fmow.primary_metric["fmow-ood"] == "worst_region_acc"
+    vrf = ids["published-zhu2024-imagenet-e2e-ft-vrf"]  # VRF Table 2
+    assert vrf.reference_score == pytest.approx(0.823) and vrf.score("imagenet-r") == pytest.approx(0.787)
+    assert vrf.shift_mean == pytest.approx(0.618) and vrf.tags["base"] == "finetune"
+    carot = ids["published-asadollahzadeh2026-imagenet-carot"]  # TRACER Table 1, its reproduction
+    assert carot.score("objectnet") == pytest.approx(0.5663) and carot.metrics["imagenet"]["top1_std"] == 0.0006
+    assert "TRACER" in carot.citation and carot.shift_mean == pytest.approx(0.6254)
+    stock = ids["published-asadollahzadeh2026-imagenet-model-stock"]  # four shifts, no ObjectNet
+    assert "objectnet" not in stock.metrics and stock.summary[SHIFT_AVG]["over"] == [
+        "imagenetv2-matched-frequency", "imagenet-r", "imagenet-a", "imagenet-sketch"]
     for r in published:  # every stored number is a fraction
         assert all(0.0 <= v <= 1.0 for m in r.metrics.values() for v in m.values())
 
