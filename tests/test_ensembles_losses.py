@@ -243,13 +243,32 @@ def test_carot_terms_are_the_codes_frobenius_norms_and_soft_target_distillation(
     assert [round(teacher_momentum(s, 100, opts), 4) for s in (0, 10, 19, 20, 99)] == [0.05, 0.475, 0.8575, 0.9, 0.9]
 
 
-def test_carot_trains_and_keeps_its_teacher_in_the_resumable_state(run_dirs, clip):
+def test_carot_resumes_bit_exactly_with_its_teacher_in_the_training_state(clip, tmp_path):
+    from test_training import _FixedData, _stop_at_step
+
+    from robustbench_ft.methods.training import Checkpointing, OptimConfig, train
+
+    data = _FixedData([_batch(), _batch(labels=[2, 1, 0, 2, 1, 0])])
+    cfg = OptimConfig(lr=1e-3, weight_decay=0.1, warmup_steps=1, grad_clip=0.0, total_steps=6)
+    objective = CarotLoss(clip.tokenizer, CLASSES, TEMPLATES, CarotOptions(ema_every=2))
+    straight = StudentTeacher(copy.deepcopy(clip.model))
+    train(straight, data, cfg, objective, device=CPU, progress=False)
+    keep = Checkpointing(tmp_path / "carot.training.pt", every=2)
+    resumed = StudentTeacher(copy.deepcopy(clip.model))
+    with pytest.raises(RuntimeError, match="stop"):  # killed in step 5, after the state of step 4 was saved
+        train(resumed, data, cfg, _stop_at_step(objective, 4), device=CPU, progress=False, checkpointing=keep)
+    assert any(k.startswith("teacher.") for k in torch.load(keep.path, weights_only=True)["model"])
+    resumed = StudentTeacher(copy.deepcopy(clip.model))
+    assert train(resumed, data, cfg, objective, device=CPU, progress=False, checkpointing=keep)["resumed_from_step"] == 4
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # student and teacher, bit for bit
+    assert not torch.equal(a["teacher.visual.proj"], clip.model.visual.proj)  # the teacher moved
+    assert not any(p.requires_grad for p in resumed.teacher.parameters())
+
+
+def test_carot_runs_as_a_method(run_dirs, clip):
     (cand,) = Carot().run(context(run_dirs, clip, "carot", {**TRAIN, "ema_every": 1}))
     assert cand.classifier.info.provenance["carot"] == {"orth": 0.2, "cross_fnorm": 0.05, "distil": 1.5}
-    pair = StudentTeacher(copy.deepcopy(clip.model))
-    state = pair.state_dict()
-    assert any(k.startswith("teacher.") for k in state) and not any(
-        p.requires_grad for p in pair.teacher.parameters())
 
 
 @pytest.mark.parametrize("method", ["m2-mix", "carot"])
