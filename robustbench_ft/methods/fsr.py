@@ -66,18 +66,22 @@ def view_seed(sample_seed: int, view: int) -> int:
 
 
 def simulated_ood(images: torch.Tensor, seeds: torch.Tensor, view: int, strength: float) -> torch.Tensor:
-    """x̃ = g ⊙ x + o + σ·ε per sample (see the module docstring), each sample drawn from its own seed."""
+    """x̃ = g ⊙ x + o + σ·ε per sample (see the module docstring), each sample drawn from its own seed.
+
+    g, o and σ are drawn on the CPU, ε on the images' device (so a GPU run does not generate its noise on
+    the CPU); the views are a function of the seeds alone on a given device type.
+    """
     out = torch.empty_like(images)
     channels = images.shape[1]
     for i, seed in enumerate(seeds.tolist()):
-        gen = torch.Generator().manual_seed(view_seed(seed, view))
+        seed = view_seed(seed, view)
+        gen = torch.Generator().manual_seed(seed)
         gain = 1 + strength * (2 * torch.rand(channels, 1, 1, generator=gen) - 1)
         offset = strength * (2 * torch.rand(channels, 1, 1, generator=gen) - 1)
-        sigma = strength * torch.rand((), generator=gen)
-        noise = torch.randn(images.shape[1:], generator=gen)
-        perturb = (gain, offset, sigma * noise)
-        gain, offset, noise = (t.to(images.device, images.dtype) for t in perturb)
-        out[i] = gain * images[i] + offset + noise
+        sigma = float(strength * torch.rand((), generator=gen))
+        noise = torch.randn(images.shape[1:], generator=torch.Generator(images.device).manual_seed(seed),
+                            device=images.device, dtype=images.dtype)
+        out[i] = gain.to(images.device, images.dtype) * images[i] + offset.to(images.device, images.dtype) + sigma * noise
     return out
 
 
