@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_methods import TINY, TRAIN, context, shard_reads  # noqa: F401  (shard_reads is a fixture)
+from test_methods import TRAIN, context
 
 from robustbench_ft.datasets.spec import DatasetSpec
 from robustbench_ft.evaluation.scoring import logits_for
@@ -28,8 +28,13 @@ from robustbench_ft.methods.flyp import (
     contrastive_loss,
     is_text_parameter,
 )
-from robustbench_ft.methods.fsr import FsrOptions, FunctionSpaceRegularisation, function_term, jensen_shannon, \
-    simulated_ood
+from robustbench_ft.methods.fsr import (
+    FsrOptions,
+    FunctionSpaceRegularisation,
+    function_term,
+    jensen_shannon,
+    simulated_ood,
+)
 from robustbench_ft.methods.m2_mix import GeodesicMixupLoss, M2Mix, M2MixOptions, draw_lambda, m2_loss, slerp
 from robustbench_ft.methods.model_stock import ModelStock, ModelStockOptions, model_stock, stock_ratio
 from robustbench_ft.methods.training import Batch, Step
@@ -406,7 +411,7 @@ def test_vrf_weight_one_or_zero_gives_the_member_and_a_constant_weight_the_proba
     with torch.no_grad():
         got, want = (logits_for(m, m(images).numpy(), subset.project_logits) for m in (half, reference))
     np.testing.assert_allclose(np.exp(got), np.exp(want), rtol=1e-6, atol=1e-8)
-    softmax = lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)  # noqa: E731
+    softmax = lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)
     expected = 0.5 * softmax(z_zs[:, [1, 3]]) + 0.5 * softmax(z_ft[:, [1, 3]])  # each member projected first
     np.testing.assert_allclose(np.exp(got), expected, rtol=1e-5)
     labels = torch.randint(0, 4, (40,))

@@ -16,7 +16,6 @@ from robustbench_ft.datasets.registry import get_suite, register_suite
 from robustbench_ft.datasets.spec import Suite
 from robustbench_ft.evaluation.dataset_pass import evaluate
 from robustbench_ft.evaluation.options import EvalOptions
-from robustbench_ft.loading.shard_dataset import ShardDataset
 from robustbench_ft.loading.training_batches import sample_seed
 from robustbench_ft.methods.context import MethodContext
 from robustbench_ft.methods.ensemble import Ensemble
@@ -87,19 +86,6 @@ def test_base_aliases():
 
 
 # --- Linear probe: C chosen on held-out training data -----------------------------------------
-
-@pytest.fixture
-def shard_reads(monkeypatch):
-    """Every shard directory opened for reading (by anything: features, evaluation, training)."""
-    seen: list[str] = []
-    original = ShardDataset.__init__
-
-    def spy(self, directory, *args, **kwargs):
-        seen.append(f"{Path(directory).parent.name}/{Path(directory).name}")
-        original(self, directory, *args, **kwargs)
-
-    monkeypatch.setattr(ShardDataset, "__init__", spy)
-    return seen
 
 
 def test_linear_probe_chooses_c_on_the_val_split_only(run_dirs, clip, shard_reads):
