@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 
 from robustbench_ft.datasets.registry import get_suite, register_dataset, register_suite
 from robustbench_ft.datasets.spec import DatasetSpec, Suite
+from robustbench_ft.loading.shard_dataset import ShardDataset
 from robustbench_ft.shards.writer import write_shards
 
 torch.set_num_threads(1)
@@ -71,3 +73,17 @@ def run_dirs(tmp_path):
     return dict(data_root=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"),
                 results_dir=str(tmp_path / "results"), reports_dir=str(tmp_path / "reports"), workers=0,
                 eval_batch_size=16)
+
+
+@pytest.fixture
+def shard_reads(monkeypatch):
+    """Every shard directory opened for reading (by anything: features, evaluation, training)."""
+    seen: list[str] = []
+    original = ShardDataset.__init__
+
+    def spy(self, directory, *args, **kwargs):
+        seen.append(f"{Path(directory).parent.name}/{Path(directory).name}")
+        original(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ShardDataset, "__init__", spy)
+    return seen

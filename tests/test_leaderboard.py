@@ -130,7 +130,7 @@ def test_html_is_escaped_and_uses_the_report_look(records):
 
 def test_published_entries_ship_marked_with_citations():
     published = load_records([PUBLISHED])
-    assert len(published) == 48 and all(r.kind == "published" and r.citation for r in published)
+    assert len(published) == 62 and all(r.kind == "published" and r.citation for r in published)
     ids = {r.record_id: r for r in published}
     wise = ids["published-wortsman2022-wise-ft-e2e-alpha-0.5"]
     assert wise.model == "ViT-L-14-336" and wise.reference_score == pytest.approx(0.868)
@@ -149,6 +149,15 @@ def test_published_entries_ship_marked_with_citations():
     assert tpgm.summary["readme-avg"]["value"] == pytest.approx(0.6927) and "imagenet" in tpgm.summary["readme-avg"]["over"]
     dn = ids["published-tian2023-domainnet-rn50-tpgm"]
     assert dn.reference_score == pytest.approx(0.8241) and dn.shift_mean == pytest.approx(0.3902)
+    vrf = ids["published-zhu2024-imagenet-e2e-ft-vrf"]  # VRF Table 2
+    assert vrf.reference_score == pytest.approx(0.823) and vrf.score("imagenet-r") == pytest.approx(0.787)
+    assert vrf.shift_mean == pytest.approx(0.618) and vrf.tags["base"] == "finetune"
+    carot = ids["published-asadollahzadeh2026-imagenet-carot"]  # TRACER Table 1, its reproduction
+    assert carot.score("objectnet") == pytest.approx(0.5663) and carot.metrics["imagenet"]["top1_std"] == 0.0006
+    assert "TRACER" in carot.citation and carot.shift_mean == pytest.approx(0.6254)
+    stock = ids["published-asadollahzadeh2026-imagenet-model-stock"]  # four shifts, no ObjectNet
+    assert "objectnet" not in stock.metrics and stock.summary[SHIFT_AVG]["over"] == [
+        "imagenetv2-matched-frequency", "imagenet-r", "imagenet-a", "imagenet-sketch"]
     for r in published:  # every stored number is a fraction
         assert all(0.0 <= v <= 1.0 for m in r.metrics.values() for v in m.values())
 

@@ -16,7 +16,6 @@ from robustbench_ft.datasets.registry import get_suite, register_suite
 from robustbench_ft.datasets.spec import Suite
 from robustbench_ft.evaluation.dataset_pass import evaluate
 from robustbench_ft.evaluation.options import EvalOptions
-from robustbench_ft.loading.shard_dataset import ShardDataset
 from robustbench_ft.loading.training_batches import sample_seed
 from robustbench_ft.methods.context import MethodContext
 from robustbench_ft.methods.ensemble import Ensemble
@@ -87,19 +86,6 @@ def test_base_aliases():
 
 
 # --- Linear probe: C chosen on held-out training data -----------------------------------------
-
-@pytest.fixture
-def shard_reads(monkeypatch):
-    """Every shard directory opened for reading (by anything: features, evaluation, training)."""
-    seen: list[str] = []
-    original = ShardDataset.__init__
-
-    def spy(self, directory, *args, **kwargs):
-        seen.append(f"{Path(directory).parent.name}/{Path(directory).name}")
-        original(self, directory, *args, **kwargs)
-
-    monkeypatch.setattr(ShardDataset, "__init__", spy)
-    return seen
 
 
 def test_linear_probe_chooses_c_on_the_val_split_only(run_dirs, clip, shard_reads):
@@ -311,6 +297,13 @@ CLI_CASES = {
                       ["zeroshot", "l2-sp", "wise-ft α=0.50", "wise-ft α chosen on val"]),
     "soup-uniform": (["--method", "soup", "--kind", "uniform", "--ingredient-seeds", "0,1", *TRAIN_FLAGS], ["uniform soup"]),
     "soup-greedy": (["--method", "soup", "--kind", "greedy", "--ingredient-seeds", "0,1", *TRAIN_FLAGS], ["greedy soup"]),
+    "flyp-ablations": (["--method", "flyp", "--loss", "ce", "--no-train-text", "--prompts", "fixed",
+                        *TRAIN_FLAGS], ["flyp"]),
+    "vrf": (["--method", "vrf", "--base", "ft", "--k", "1", *TRAIN_FLAGS], ["zeroshot", "finetune", "vrf"]),
+    "m2-mix": (["--method", "m2-mix", "--mmix", "0.05", *TRAIN_FLAGS], ["m2-mix"]),
+    "carot": (["--method", "carot", "--ema-every", "1", *TRAIN_FLAGS], ["carot"]),
+    "fsr": (["--method", "fsr", *TRAIN_FLAGS], ["fsr"]),
+    "model-stock": (["--method", "model-stock", "--ingredient-seeds", "0,1", *TRAIN_FLAGS], ["model-stock"]),
 }
 
 

@@ -4,17 +4,22 @@ Importing this package registers the built-in methods; third-party packages regi
 entry-point group ``robustbench_ft.methods``.
 """
 from robustbench_ft.methods import (  # noqa: F401, E402  (register the built-in methods)
+    carot,
     digrap,
     ensemble,
     finetune,
     flyp,
+    fsr,
     ftp,
     l2_sp,
     linear_probe,
     lp_ft,
+    m2_mix,
+    model_stock,
     soup,
     spd,
     tpgm,
+    vrf,
     wise_ft,
     zeroshot,
 )

@@ -89,6 +89,15 @@ def select_alpha(ctx: MethodContext, models: dict[float, torch.nn.Module]) -> Al
     return AlphaSelection(grid[best], f"{val_dataset}/{val_split}", spec.metric, grid, tuple(scores))
 
 
+def endpoint_candidates(method: str, zeroshot: torch.nn.Module, finetuned: torch.nn.Module, base: str, *,
+                        from_checkpoint: bool = False) -> list[Candidate]:
+    """The two ends of the curve ``method/base``: the zero-shot (α = 0) and the fine-tuned (α = 1) candidate."""
+    curve = f"{method}/{base}"
+    return [Candidate("zeroshot", zeroshot, alpha=0.0, curve=curve, endpoint="zeroshot"),
+            Candidate("finetuned" if from_checkpoint else base, finetuned, alpha=1.0, curve=curve,
+                      endpoint="finetuned", base=base)]
+
+
 def curve_candidates(ctx: MethodContext, opts: CurveOptions, method: str, zeroshot: torch.nn.Module,
                      finetuned: torch.nn.Module, base: str, mix: Callable[[float], torch.nn.Module]) -> list[Candidate]:
     """The endpoints, one candidate per α of ``opts.alpha`` and, with ``opts.select``, the α chosen on val.
@@ -104,9 +113,7 @@ def curve_candidates(ctx: MethodContext, opts: CurveOptions, method: str, zerosh
             built[alpha] = mix(alpha)
         return built[alpha]
 
-    out = [Candidate("zeroshot", zeroshot, alpha=0.0, curve=curve, endpoint="zeroshot"),
-           Candidate(base if not opts.finetuned else "finetuned", finetuned, alpha=1.0, curve=curve,
-                     endpoint="finetuned", base=base)]
+    out = endpoint_candidates(method, zeroshot, finetuned, base, from_checkpoint=bool(opts.finetuned))
     for alpha in opts.alpha:
         if 0.0 < alpha < 1.0:
             out.append(Candidate(f"{method} α={alpha_label(alpha)}", at(alpha), alpha=alpha, curve=curve, base=base,

@@ -25,6 +25,7 @@ from robustbench_ft.methods.registry import register_method
 from robustbench_ft.methods.training import (
     ADAMW,
     Batch,
+    LossFn,
     Objective,
     OptimConfig,
     OptimizerFactory,
@@ -111,17 +112,19 @@ def run_training(ctx: MethodContext, model: torch.nn.Module, opts: ScheduleOptio
 
 
 def finetune_classifier(ctx: MethodContext, start: Classifier, opts: FinetuneOptions, desc: str,
-                        penalty: Penalty | None = None, optimizer: OptimizerFactory = ADAMW) -> Classifier:
+                        penalty: Penalty | None = None, optimizer: OptimizerFactory = ADAMW,
+                        loss: LossFn | None = None) -> Classifier:
     """Cross-entropy fine-tuning of every parameter of a copy of ``start`` on the suite's training split.
 
     ``penalty(model)``, when given, is added to the loss of every step (L2-SP's pull towards the
     pretrained weights); without it this is plain fine-tuning. ``optimizer`` replaces AdamW (the
-    projection methods: FTP, SPD, DiGraP).
+    projection methods: FTP, SPD, DiGraP); ``loss`` replaces the cross-entropy (a mean over the
+    micro-batch's samples, e.g. function-space regularisation's).
     """
     model = copy.deepcopy(start).to(ctx.clip.device)
     for p in model.parameters():
         p.requires_grad_(True)
-    ce = cross_entropy(opts.label_smoothing)
+    ce = loss if loss is not None else cross_entropy(opts.label_smoothing)
 
     def loss_fn(m: torch.nn.Module, batch: Batch) -> torch.Tensor:
         loss = ce(m, batch)

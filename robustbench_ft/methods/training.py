@@ -114,6 +114,13 @@ class Step:
     precision: str
     index: int = 0        # the optimisation step (0-based, counted over the whole run, resumes included)
     seed: int = 0         # the run's seed
+    batches_per_epoch: int = 1  # steps per epoch (m²-mix's 1/(epoch+1) schedule)
+    total_steps: int = 0        # steps of the whole run (CaRot's teacher-momentum ramp)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch (0-based) the step belongs to."""
+        return self.index // max(1, self.batches_per_epoch)
 
     def generator(self) -> torch.Generator:
         """A CPU generator seeded by (run seed, step) only: the same draws for any worker count, on
@@ -211,7 +218,8 @@ def train(model: torch.nn.Module, data: TrainingData, cfg: OptimConfig, objectiv
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     wrapped = distributed.wrap_ddp(model, device)
-    ctx = Step(wrapped, cfg.accum_steps, device, precision, seed=seed)
+    ctx = Step(wrapped, cfg.accum_steps, device, precision, seed=seed, batches_per_epoch=per_epoch,
+               total_steps=cfg.total_steps)
     model.train()
     epoch, position = divmod(step, per_epoch)
     bar = tqdm(total=cfg.total_steps, initial=step, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
