@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import sys
-import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -35,25 +35,10 @@ def test_entry_point_package_adds_a_method(tmp_path, monkeypatch, run_dirs):
     pkg = tmp_path / "site" / "rbft_plugin_demo"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
-    (pkg / "halfway.py").write_text(textwrap.dedent('''
-        from dataclasses import dataclass
-        from robustbench_ft import Candidate, MethodContext, register_method
-        from robustbench_ft.models import interpolate
-
-        @dataclass(frozen=True)
-        class HalfwayOptions:
-            alpha: float = 0.5
-
-        @register_method("halfway", paper="Me et al. 2026")
-        class Halfway:
-            """WiSE-FT at a fixed alpha over the standard fine-tuned endpoint."""
-            options = HalfwayOptions
-
-            def run(self, ctx: MethodContext) -> list[Candidate]:
-                (ft,) = ctx.run_method("finetune", {})  # the suite's defaults for finetune apply
-                mixed = interpolate(ctx.zeroshot, ft.classifier, ctx.options.alpha)
-                return [Candidate(f"halfway α={ctx.options.alpha}", mixed, alpha=ctx.options.alpha)]
-    '''))
+    # the plugin is the README's "Adding a method" example, so the README cannot drift from what works
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    example = readme.split("## Adding a method", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    (pkg / "halfway.py").write_text(example)
     dist = tmp_path / "site" / "rbft_plugin_demo-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: rbft-plugin-demo\nVersion: 1.0\n")
@@ -62,7 +47,7 @@ def test_entry_point_package_adds_a_method(tmp_path, monkeypatch, run_dirs):
     monkeypatch.setattr(registry, "_PLUGINS_LOADED", False)
     try:
         spec = get_method("halfway")
-        assert spec.summary.startswith("WiSE-FT at a fixed alpha") and spec.paper == "Me et al. 2026"
+        assert spec.summary.startswith("WiSE-FT at a fixed α") and spec.paper == "Me et al. 2026"
         out = run(RunConfig(model="rbft-tiny-vit", pretrained="random", suite="synthetic", method="halfway",
                             method_options={"alpha": 0.25}, report=False, **run_dirs),
                   progress=False, log=lambda m: None)
