@@ -95,7 +95,7 @@ def test_a_lone_alpha_is_fixed_and_published_optimal_alpha_rows_are_oracles():
     assert get_method("wise-ft").make_options({"alpha": "0.3,0.4"}).choice_of(0.3) == "oracle"
 
 
-def test_seeds_change_training_and_nothing_else(run_dirs, tmp_path):
+def test_seeds_change_training_and_nothing_else(run_dirs, tmp_path, capsys):
     import torch
     from safetensors.torch import save_file
 
@@ -127,6 +127,14 @@ def test_seeds_change_training_and_nothing_else(run_dirs, tmp_path):
 
     page = render_report(out.records, tmp_path / "report", n_boot=5).read_text()
     assert "Over seeds" in page and "0,1" in page
+    from robustbench_ft.cli.run import print_summary
+
+    print_summary(out.records)  # the console summary of a seeds run: one row per candidate, mean ± std
+    text = capsys.readouterr().out
+    lines = {line.split("  ")[0]: line for line in text.splitlines() if "  " in line}
+    assert "ER avg (pp)" in lines["candidate"] and "mean ± sample std over the seeds" in text
+    ft_ref = f"{100 * np.mean(ft):.1f} ± {100 * np.std(ft, ddof=1):.1f}"
+    assert lines["finetune"].split()[1:3] == ["0,1", ft_ref.split()[0]] and ft_ref in lines["finetune"]
     again = run(config, progress=False, log=lambda m: None)  # finished: every record reused
     assert [r.to_dict() for r in again.records] == [r.to_dict() for r in out.records]
 

@@ -170,23 +170,32 @@ def _cmd_grid(config: RunConfig, pairs: list[tuple[str, str]]) -> int:
 
 
 def print_summary(records: list, *, with_model: bool = False) -> None:
-    """A plain-text table: candidate, reference, each shift, shift mean, effective robustness."""
+    """A plain-text table: candidate, reference, each shift, shift mean, effective robustness; for a run over
+    several seeds, one row per candidate with mean ± std over the seeds instead of one table per seed."""
     if not records:
         return
     first = records[0]
     cols = [first.reference, *first.shifts]
-    header = ["candidate", *(["model"] if with_model else []), *cols, "shift avg", "ER avg (pp)"]
-    rows = []
-    for r in records:
-        er = r.effective_robustness.get("shift-avg") if r.effective_robustness else None
-        rows.append([r.candidate, *([f"{r.model} ({r.pretrained})"] if with_model else []),
-                     *[f"{100 * r.score(c):.1f}" for c in cols], f"{100 * r.shift_mean:.1f}",
-                     "-" if er is None else f"{100 * er:+.1f}"])
+    if len({r.seed for r in records}) > 1 and not with_model:
+        from robustbench_ft.report.tables import seeds_table
+
+        table = seeds_table(records, first.reference, list(first.shifts), list(first.shifts))
+        header = [c.text for c in table.columns]
+        rows = [[c.text for c in row] for row in table.rows]
+        note = "mean ± sample std over the seeds"
+    else:
+        header = ["candidate", *(["model"] if with_model else []), *cols, "shift avg", "ER avg (pp)"]
+        rows = []
+        for r in records:
+            er = r.effective_robustness.get("shift-avg") if r.effective_robustness else None
+            rows.append([r.candidate, *([f"{r.model} ({r.pretrained})"] if with_model else []),
+                         *[f"{100 * r.score(c):.1f}" for c in cols], f"{100 * r.shift_mean:.1f}",
+                         "-" if er is None else f"{100 * er:+.1f}"])
+        note = "ER = effective robustness against the suite's baseline fit"
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))
     print("\n" + line)
     print("-" * len(line))
     for row in rows:
         print("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(row, widths))))
-    print(f"(accuracy in %, {first.primary_metric.get(first.reference, 'top1')} on the reference; "
-          "ER = effective robustness against the suite's baseline fit)")
+    print(f"(accuracy in %, {first.primary_metric.get(first.reference, 'top1')} on the reference; {note})")

@@ -155,7 +155,7 @@ def seeds_table(records: Sequence[ResultRecord], reference: str, shifts: list[st
         return None
     columns = [reference, *shifts, *([SHIFT_AVG] if avg_shifts else [])]
     table = Table([Cell("candidate"), Cell("seeds", "num"),
-                   *(Cell(c if c != SHIFT_AVG else "shift avg", "num") for c in columns)])
+                   *(Cell(c if c != SHIFT_AVG else "shift avg", "num") for c in columns), Cell("ER avg (pp)", "num")])
     for members in groups.values():
         row = [Cell(members[0].candidate, "name"), Cell(",".join(str(r.seed) for r in members), "num")]
         for column in columns:
@@ -165,6 +165,9 @@ def seeds_table(records: Sequence[ResultRecord], reference: str, shifts: list[st
                 row.append(Cell("—", "num"))
             else:
                 row.append(Cell(f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}", "num"))
+        ers = [(r.effective_robustness or {}).get(SHIFT_AVG) for r in members]
+        row.append(Cell("—", "num") if any(e is None for e in ers) else
+                   Cell(f"{100 * np.mean(ers):+.1f} ± {100 * np.std(ers, ddof=1):.1f}", "num"))
         table.rows.append(row)
     return table
 
