@@ -176,9 +176,7 @@ class Carot:
     def run(self, ctx: MethodContext) -> list[Candidate]:
         opts: CarotOptions = ctx.options
         ref = get_dataset(ctx.suite.reference)
-        torch.manual_seed(ctx.config.seed)
         loss = CarotLoss(ctx.clip.tokenizer, list(ref.classnames), list(ref.templates), opts)
-        model = ctx.cached_classifier(lambda: flyp_classifier(
+        return ctx.trained_endpoint(lambda: flyp_classifier(
             ctx, opts, loss, method="carot", wrap=StudentTeacher if opts.distil else None,
             provenance={"carot": {"orth": opts.orth, "cross_fnorm": opts.cross_fnorm, "distil": opts.distil}}))
-        return [Candidate("carot", model, alpha=1.0, endpoint="finetuned", base="carot")]

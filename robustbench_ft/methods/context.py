@@ -212,6 +212,16 @@ class MethodContext:
         return Checkpointing(stem.with_suffix(".training.pt"), self.config.checkpoint_every,
                              stem.with_suffix(".curve.csv"), board)
 
+    def trained_endpoint(self, train: Callable[[], Classifier], *, extra: dict[str, Any] | None = None
+                         ) -> list[Candidate]:
+        """The one candidate of a method that trains a classifier: ``train`` runs with torch seeded by the run's
+        seed (or the classifier comes from the checkpoint cache, see :meth:`cached_classifier`), and the
+        candidate, named after the method, is the fine-tuned end of any curve built over it."""
+        torch.manual_seed(self.config.seed)
+        model = self.cached_classifier(train)
+        name = self.run.method.name
+        return [Candidate(name, model, alpha=1.0, endpoint="finetuned", base=name, extra=dict(extra or {}))]
+
     def cached_classifier(self, train: Callable[[], Classifier]) -> Classifier:
         """Load this run's trained classifier from the checkpoint cache, or train and store it.
 

@@ -134,7 +134,5 @@ class DiGraP:
 
     def run(self, ctx: MethodContext) -> list[Candidate]:
         opts: DiGraPOptions = ctx.options
-        torch.manual_seed(ctx.config.seed)
-        model = ctx.cached_classifier(lambda: finetune_classifier(
+        return ctx.trained_endpoint(lambda: finetune_classifier(
             ctx, ctx.zeroshot, opts, "digrap fine-tuning", optimizer=digrap_optimizer(ctx.zeroshot, opts)))
-        return [Candidate("digrap", model, alpha=1.0, endpoint="finetuned", base="digrap")]

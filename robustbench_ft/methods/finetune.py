@@ -145,6 +145,4 @@ class Finetune:
     options = FinetuneOptions
 
     def run(self, ctx: MethodContext) -> list[Candidate]:
-        torch.manual_seed(ctx.config.seed)
-        model = ctx.cached_classifier(lambda: finetune_classifier(ctx, ctx.zeroshot, ctx.options, "fine-tuning"))
-        return [Candidate("finetune", model, alpha=1.0, endpoint="finetuned", base="finetune")]
+        return ctx.trained_endpoint(lambda: finetune_classifier(ctx, ctx.zeroshot, ctx.options, "fine-tuning"))

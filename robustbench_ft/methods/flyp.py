@@ -298,6 +298,4 @@ class Flyp:
     options = FlypOptions
 
     def run(self, ctx: MethodContext) -> list[Candidate]:
-        torch.manual_seed(ctx.config.seed)
-        model = ctx.cached_classifier(lambda: flyp_classifier(ctx, ctx.options))
-        return [Candidate("flyp", model, alpha=1.0, endpoint="finetuned", base="flyp")]
+        return ctx.trained_endpoint(lambda: flyp_classifier(ctx, ctx.options))

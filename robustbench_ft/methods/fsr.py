@@ -145,7 +145,6 @@ class FunctionSpaceRegularisation:
 
     def run(self, ctx: MethodContext) -> list[Candidate]:
         opts: FsrOptions = ctx.options
-        torch.manual_seed(ctx.config.seed)
 
         def train() -> Classifier:
             model = finetune_classifier(ctx, ctx.zeroshot, opts, "fsr fine-tuning", loss=fsr_loss(ctx.zeroshot, opts))
@@ -153,6 +152,4 @@ class FunctionSpaceRegularisation:
                                             "ood_strength": opts.ood_strength, "interpretation": "METHODS.md §7"}
             return model
 
-        model = ctx.cached_classifier(train)
-        return [Candidate("fsr", model, alpha=1.0, endpoint="finetuned", base="fsr",
-                          extra={"interpretation": "METHODS.md §7; the paper's body was not found"})]
+        return ctx.trained_endpoint(train, extra={"interpretation": "METHODS.md §7; the paper's body was not found"})

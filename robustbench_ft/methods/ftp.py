@@ -119,7 +119,5 @@ class FTP:
 
     def run(self, ctx: MethodContext) -> list[Candidate]:
         opts: FTPOptions = ctx.options
-        torch.manual_seed(ctx.config.seed)
-        model = ctx.cached_classifier(lambda: finetune_classifier(
+        return ctx.trained_endpoint(lambda: finetune_classifier(
             ctx, ctx.zeroshot, opts, "ftp fine-tuning", optimizer=ftp_optimizer(ctx.zeroshot, opts)))
-        return [Candidate("ftp", model, alpha=1.0, endpoint="finetuned", base="ftp")]

@@ -69,8 +69,6 @@ class L2SP:
 
     def run(self, ctx: MethodContext) -> list[Candidate]:
         opts: L2SPOptions = ctx.options
-        torch.manual_seed(ctx.config.seed)
-        model = ctx.cached_classifier(lambda: finetune_classifier(
+        return ctx.trained_endpoint(lambda: finetune_classifier(
             ctx, ctx.zeroshot, opts, "l2-sp fine-tuning",
             penalty=l2_sp_penalty(ctx.zeroshot, opts.sp_alpha, opts.head_penalty)))
-        return [Candidate("l2-sp", model, alpha=1.0, endpoint="finetuned", base="l2-sp")]

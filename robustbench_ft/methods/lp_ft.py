@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
-
 from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.finetune import FinetuneOptions, finetune_classifier
 from robustbench_ft.methods.linear_probe import LinearProbeOptions
@@ -47,6 +45,4 @@ class LPFT:
     def run(self, ctx: MethodContext) -> list[Candidate]:
         opts: LPFTOptions = ctx.options
         probe = ctx.finetuned_endpoint("linear-probe", opts.probe_options())
-        torch.manual_seed(ctx.config.seed)
-        model = ctx.cached_classifier(lambda: finetune_classifier(ctx, probe, opts, "lp-ft fine-tuning"))
-        return [Candidate("lp-ft", model, alpha=1.0, endpoint="finetuned", base="lp-ft")]
+        return ctx.trained_endpoint(lambda: finetune_classifier(ctx, probe, opts, "lp-ft fine-tuning"))

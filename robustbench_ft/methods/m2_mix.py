@@ -117,9 +117,7 @@ class M2Mix:
     def run(self, ctx: MethodContext) -> list[Candidate]:
         opts: M2MixOptions = ctx.options
         ref = get_dataset(ctx.suite.reference)
-        torch.manual_seed(ctx.config.seed)
-        model = ctx.cached_classifier(lambda: flyp_classifier(
+        return ctx.trained_endpoint(lambda: flyp_classifier(
             ctx, opts, GeodesicMixupLoss(ctx.clip.tokenizer, list(ref.classnames), list(ref.templates), opts),
             method="m2-mix", provenance={"m2_mix": {"mmix": opts.mmix, "beta": opts.beta, "tau2": opts.tau2,
                                                     "schedule": opts.schedule}}))
-        return [Candidate("m2-mix", model, alpha=1.0, endpoint="finetuned", base="m2-mix")]

@@ -93,7 +93,5 @@ class SPD:
 
     def run(self, ctx: MethodContext) -> list[Candidate]:
         opts: SPDOptions = ctx.options
-        torch.manual_seed(ctx.config.seed)
-        model = ctx.cached_classifier(lambda: finetune_classifier(
+        return ctx.trained_endpoint(lambda: finetune_classifier(
             ctx, ctx.zeroshot, opts, "spd fine-tuning", optimizer=spd_optimizer(ctx.zeroshot, opts)))
-        return [Candidate("spd", model, alpha=1.0, endpoint="finetuned", base="spd")]
