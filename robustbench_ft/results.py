@@ -139,6 +139,17 @@ class ResultRecord:
         return Placement.from_tags(self.tags)
 
     @property
+    def shots(self) -> int | None:
+        """K of a k-shot record (``run --shots K``, or a published few-shot entry's ``tags.shots``); None if none."""
+        shots = self.tags.get("shots")
+        return shots if isinstance(shots, int) and not isinstance(shots, bool) else None
+
+    @property
+    def label(self) -> str:
+        """The candidate as tables show it: with its K where it is a k-shot result."""
+        return self.candidate if self.shots is None else f"{self.candidate} ({self.shots}-shot)"
+
+    @property
     def seed(self) -> int | None:
         """The seed of the run that made the record (None for a published or hand-made one)."""
         seed = self.config.get("seed")
