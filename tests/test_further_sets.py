@@ -1,7 +1,7 @@
 """CIFAR-10.1/10.2 (the cifar10 suite's shifts), PatchCamelyon and Rendered SST2 from layout-faithful fixtures."""
 from __future__ import annotations
 
-import pickle
+import json
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +117,57 @@ def test_pcam_hdf5(tmp_path, monkeypatch):
     m = _convert("pcam", tmp_path, tmp_path / "out")
     got = [(np.asarray(img), label) for img, label, *_ in ShardDataset(tmp_path / "out")]
     assert m.num_samples == 5 and [g[1] for g in got] == [0, 1, 1, 0, 1] and np.array_equal(got[4][0], x[4])
+
+
+# --------------------------------------------------------------------------- ImageNet-Vid-Robust and pm-k
+
+
+def _vid(root: Path) -> Path:
+    src = root / "imagenet_vid_ytbb_robust" / "imagenet-vid-robust"
+    sets = {"val/ILSVRC2015_val_00000000/000442.JPEG": ["val/ILSVRC2015_val_00000000/000441.JPEG",
+                                                        "val/ILSVRC2015_val_00000000/000452.JPEG"],
+            "val/ILSVRC2015_val_00000001/000010.JPEG": ["val/ILSVRC2015_val_00000001/000001.JPEG"]}
+    labels = {frame: [3] for frames in sets.values() for frame in frames}
+    labels.update({"val/ILSVRC2015_val_00000000/000442.JPEG": [3, 7], "val/ILSVRC2015_val_00000001/000010.JPEG": [29]})
+    for frame in labels:
+        (src / frame).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (10, 8), (1, 2, 3)).save(src / frame, format="JPEG")
+    (src / "metadata").mkdir()
+    (src / "metadata" / "pmsets.json").write_text(json.dumps(sets))
+    (src / "metadata" / "labels.json").write_text(json.dumps(labels))
+    return src
+
+
+def test_vid_robust_frames_carry_the_pmk_metadata(tmp_path):
+    from robustbench_ft.datasets import video_robust
+
+    spec = get_dataset("imagenet-vid-robust")
+    assert len(spec.classnames) == 30 and sum(map(len, spec.pooling)) == 288 and spec.metric == "pm10"
+    assert get_suite("imagenet-vid-robust").shifts == ("imagenet-vid-robust",)
+    src = _vid(tmp_path)
+    m = _convert("imagenet-vid-robust", src.parent, tmp_path / "out")
+    assert m.num_samples == 5 and m.metadata["expected_count"] == video_robust.VID_ANCHORS
+    metas = sorted((meta["anchor"][-11:], meta["offset"], meta["labels"], y)
+                   for _, y, _, meta in ShardDataset(tmp_path / "out", with_meta=True))
+    assert metas == [("000010.JPEG", -9, [3], 3), ("000010.JPEG", 0, [29], 29), ("000442.JPEG", -1, [3], 3),
+                     ("000442.JPEG", 0, [3, 7], 3), ("000442.JPEG", 10, [3], 3)]
+    (src / "metadata" / "pmsets.json").unlink()
+    with pytest.raises(ConversionError, match="lacks metadata/pmsets.json, the frame metadata pm-k is scored with"):
+        _convert("imagenet-vid-robust", src, tmp_path / "bad")
+
+
+def test_pm_k_counts_an_anchor_only_if_every_frame_within_k_is_right():
+    from robustbench_ft import metrics
+
+    def onehot(preds):
+        return np.eye(4)[preds]
+    metas = [{"anchor": "a", "offset": 0, "labels": [1, 2]}, {"anchor": "a", "offset": -1, "labels": [1]},
+             {"anchor": "a", "offset": 5, "labels": [1]},
+             {"anchor": "b", "offset": 0, "labels": [3]}, {"anchor": "b", "offset": 2, "labels": [3]}]
+    labels = np.array([1, 1, 1, 3, 3])
+    logits = onehot([2, 1, 0, 3, 3])  # a: anchor right (any label), offset 5 wrong; b: all right
+    assert metrics.compute("pm10", logits, labels, metas, ("pm0",)) == {"top1": 0.6, "n": 5, "pm10": 0.5, "pm0": 1.0}
+    assert metrics.pm_k(logits, labels, metas, k=4) == 1.0
+    assert metrics.pm_k(onehot([0, 1, 1, 3, 3]), labels, metas, k=10) == 0.5  # a's anchor wrong
+    with pytest.raises(ValueError, match=r"pm-10 needs each frame's metadata \(anchor, offset, labels\)"):
+        metrics.compute("pm10", logits, labels, [{}] * 5)

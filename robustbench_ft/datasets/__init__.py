@@ -11,6 +11,7 @@ from robustbench_ft.datasets import (  # noqa: F401  (register the built-in fami
     domainnet,
     imagenet,
     transfer,
+    video_robust,
     wilds,
 )
 from robustbench_ft.datasets.build import ensure_dataset, prepare_suite
