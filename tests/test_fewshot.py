@@ -95,3 +95,24 @@ def test_k_above_the_training_count_writes_nothing(run_dirs):
             log=lambda m: None)
     assert not any(Path(run_dirs["results_dir"]).rglob("*.json"))
     assert not (Path(run_dirs["cache_dir"]) / "checkpoints").exists()
+
+
+def test_every_method_read_sees_only_the_shots(run_dirs, shard_reads, monkeypatch):
+    """wise-ft trains on the train shots and picks α on the val shots; the full splits are never read."""
+    from robustbench_ft.methods import finetune
+
+    trained: list[str] = []
+    original = finetune.TrainingBatches
+
+    def spy(directory, *args, **kwargs):
+        trained.append(Path(directory).name)
+        return original(directory, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "TrainingBatches", spy)
+    options = {"base_options": QUICK, "select_grid": "0:1:0.5"}
+    out = run(RunConfig(method="wise-ft", method_options=options, shots=2, **TINY, **run_dirs), progress=False,
+              log=lambda m: None)
+    assert "wise-ft α chosen on val" in {r.candidate for r in out.records}
+    assert [t.rsplit("-", 1)[0] for t in trained] == ["synth-train-2shot"]
+    assert [d.rsplit("-", 1)[0] for d in shard_reads if "val" in d] == ["fewshot/synth-val-2shot"]
+    assert "synth/train" not in shard_reads and "synth/val" not in shard_reads
