@@ -20,6 +20,7 @@ import torch
 from robustbench_ft.board import analyses
 from robustbench_ft.config import RunConfig
 from robustbench_ft.datasets.build import data_identity, ensure_dataset
+from robustbench_ft.datasets.fewshot import shot_data
 from robustbench_ft.datasets.registry import get_dataset
 from robustbench_ft.evaluation.cache import ArrayCache
 from robustbench_ft.evaluation.dataset_pass import evaluate_cached
@@ -69,7 +70,9 @@ def analyze(run_dir: Path, *, progress: bool = False, log: Callable[[str], None]
     dirs = {name: ensure_dataset(get_dataset(name), root, "test", log=log) for name in suite.eval_datasets}
     torch.manual_seed(config.seed)  # as the runner does: "random" weights are drawn from the run's seed
     clip = load_clip(config.model, config.pretrained, config.device, config.precision, trust_pickle=config.trust_pickle)
-    ctx = MethodContext(resolved, clip, data_identity(suite, root), progress, log, train_missing=False)
+    data = data_identity(suite, root)
+    ctx = MethodContext(resolved, clip, data, progress, log, train_missing=False)
+    data.update(shot_data(ctx.shot_subsets()))  # a --shots run's checkpoints are keyed by its shots too
     candidates = resolved.method.cls().run(ctx)
     out: dict[str, Any] = {"run": str(run_dir), "suite": suite.name, "curves": {},
                            "report_dir": str(Path(config.reports_dir) / Path(run_dir).name)}

@@ -63,6 +63,9 @@ class RunConfig:
     overwrite: bool = False        # a --run-name already used by another config: replace its records
     seeds: tuple[int, ...] | None = None  # run once per seed (each its own training); None: just `seed`
     tensorboard: str | None = None  # also write fine-tuning curves as TensorBoard events under this directory
+    # k-shot protocol: train (and choose) on K samples per class of the suite's train (and val) split, drawn
+    # by the seed (robustbench_ft.datasets.fewshot); None: the whole splits
+    shots: int | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)  # every source (TOML, Python, CLI) is held to the declared types
@@ -74,6 +77,8 @@ class RunConfig:
             raise ValueError(f"checkpoint_every must be >= 0 (0 = never), got {self.checkpoint_every}")
         if self.draft_factor is not None and self.draft_factor < 1:
             raise ValueError(f"draft_factor must be >= 1 (or unset), got {self.draft_factor}")
+        if self.shots is not None and self.shots < 1:
+            raise ConfigError(f"shots must be >= 1 (samples per class), got {self.shots}")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise ConfigError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
         if self.run_name is not None and not RUN_NAME.fullmatch(self.run_name):

@@ -14,6 +14,13 @@ The definitions follow the sources that report them:
 * ``ece``: expected calibration error of the softmax confidence (the top probability) with 15
   equal-width bins over [0, 1], a sample in bin ``b`` when ``lo_b < conf <= hi_b``: ``Σ_b |B_b|/N ·
   |acc(B_b) − conf(B_b)|`` (Guo et al. 2017; Naeini et al. 2015). Lower is better.
+* ``pm0``, ``pm10`` (ImageNet-Vid-Robust; Shankar et al., "Do Image Classifiers Generalize Across Time?",
+  ICCV 2021): the samples are video frames grouped around anchor frames (``meta["anchor"]``, the frame's
+  ``meta["offset"]`` from it, 0 for the anchor, and the label set it is judged against, ``meta["labels"]``).
+  A frame is correct when its arg-max is *any* of its labels; pm-k is the fraction of anchors whose anchor
+  frame and every frame within ``k`` of it are correct; pm0 is anchor accuracy. The same computation as
+  ``score_predictions.py`` of github.com/modestyachts/imagenet-vid-robust-example @ b9ff1fe and
+  imagenet-testbed's ``validate_vid_robust`` (both divide by the number of anchors).
 """
 from __future__ import annotations
 
@@ -105,6 +112,33 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, metas: Se
     return float(ece)
 
 
+PMK_META = ("anchor", "offset", "labels")
+
+
+def pm_k(logits: np.ndarray, labels: np.ndarray, metas: Sequence[dict], *, k: int) -> float:
+    """pm-k over anchors (see the module docstring); frames without their metadata are refused."""
+    logits, labels = _check(logits, labels, "pm-k")
+    if len(metas) != len(labels) or any(not isinstance(m, dict) or any(f not in m for f in PMK_META) for m in metas):
+        raise ValueError(f"pm-{k} needs each frame's metadata ({', '.join(PMK_META)}), which these samples lack: "
+                         "convert the set from the official release with its metadata (robustbench-ft shard "
+                         "imagenet-vid-robust)")
+    predicted = logits.argmax(axis=1)
+    anchored: dict[str, bool] = {}
+    whole: dict[str, bool] = {}
+    for pred, meta in zip(predicted.tolist(), metas):
+        correct = pred in meta["labels"]
+        anchor = str(meta["anchor"])
+        if int(meta["offset"]) == 0:
+            anchored[anchor] = correct
+        if abs(int(meta["offset"])) <= k:
+            whole[anchor] = whole.get(anchor, True) and correct
+    missing = sorted(set(whole) - set(anchored))
+    if missing:
+        raise ValueError(f"pm-{k}: {len(missing)} frame set(s) lack their anchor frame (e.g. {missing[0]}); "
+                         "convert the whole set again")
+    return float(np.mean([anchored[a] and whole[a] for a in anchored])) if anchored else float("nan")
+
+
 @dataclass(frozen=True)
 class Metric:
     """One metric: its function, whether it reads per-sample metadata (then the logits cache, which
@@ -122,6 +156,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("worst_region_acc", partial(worst_meta_group_accuracy, key="region", exclude=FMOW_EXCLUDED_REGIONS),
            needs_meta=True),
     Metric("ece", expected_calibration_error, higher_is_better=False),
+    Metric("pm0", partial(pm_k, k=0), needs_meta=True),
+    Metric("pm10", partial(pm_k, k=10), needs_meta=True),
 )}
 
 

@@ -28,6 +28,7 @@ from robustbench_ft.datasets.build import (
     prepare_suite,
     streamed_locations,
 )
+from robustbench_ft.datasets.fewshot import shot_data, shot_tags
 from robustbench_ft.datasets.registry import get_dataset, get_suite
 from robustbench_ft.evaluation.cache import ArrayCache
 from robustbench_ft.evaluation.options import EvalOptions
@@ -132,6 +133,8 @@ def _run(config: RunConfig, *, progress: bool, log: Callable[[str], None]) -> Ru
     clip = load_clip(config.model, config.pretrained, distributed.rank_device(config.device), config.precision,
                      trust_pickle=config.trust_pickle)
     ctx = MethodContext(resolved, clip, data, progress, log)
+    shots = ctx.shot_subsets()  # --shots: drawn now (a class short of K is refused before anything trains)
+    data.update(shot_data(shots))
     candidates = resolved.method.cls().run(ctx)
     check_candidates(config.method, candidates)
     timings["method"] = time.perf_counter() - t
@@ -151,7 +154,7 @@ def _run(config: RunConfig, *, progress: bool, log: Callable[[str], None]) -> Ru
         timings["evaluate"] = time.perf_counter() - t
         baseline = _suite_baseline(suite.baseline)
         for c in pending:
-            rec = _record(c, resolved, key, data, scores, timings)
+            rec = _record(c, resolved, key, data, scores, timings, shot_tags(shots))
             if baseline is not None:
                 attach_effective_robustness(rec, baseline)
             if distributed.world().is_main:
@@ -230,13 +233,13 @@ def _finished_records(candidates: list[Candidate], paths: dict[str, Path], key: 
 
 
 def _record(c: Candidate, resolved: ResolvedRun, key: str, data: dict[str, str], scores: SuiteScores,
-            timings: dict[str, float]) -> ResultRecord:
+            timings: dict[str, float], shots: dict | None = None) -> ResultRecord:
     config, suite = resolved.config, resolved.suite
     return ResultRecord(
         record_id=record_id(key, c.name), suite=suite.name, model=config.model, pretrained=config.pretrained,
         method=resolved.method.name, candidate=c.name, reference=suite.reference, shifts=list(suite.shifts),
         metrics=scores.metrics[c.name], primary_metric={n: get_dataset(n).metric for n in suite.eval_datasets},
-        tags=_as_json(c.tags), config=_as_json({**_shareable(config), "resolved": resolved.identity}),
+        tags=_as_json({**c.tags, **(shots or {})}), config=_as_json({**_shareable(config), "resolved": resolved.identity}),
         config_hash=resolved.hash,
         versions=software_versions(),
         timings={**{k: round(v, 3) for k, v in timings.items()},

@@ -53,7 +53,7 @@ def _row_text(board: Board, e: Entry) -> list[str]:
     avg = _with_spread(_pct(e.shift_avg), e, "shift_avg") + (" †" if e.shift_avg_reported else "")
     seeds = f" ({len(e.records)} seeds)" if len(e.records) > 1 else ""
     rank = str(e.rank) if e.rank else ("oracle" if e.oracle else "—")
-    return [rank, r.candidate + seeds, r.kind, r.method, f"{r.model} ({r.pretrained})",
+    return [rank, r.label + seeds, r.kind, r.method, f"{r.model} ({r.pretrained})",
             _with_spread(_pct(e.reference), e, "reference"),
             *(_with_spread(_pct(e.shifts[s]), e, s) for s in board.shifts), avg,
             _with_spread(_pp(e.er), e, "er"), e.source]
@@ -128,7 +128,7 @@ def to_csv(boards: Sequence[Board]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["suite", "rank", "kind", "candidate", "method", "model", "pretrained", "reference",
                      "reference_score", *datasets, "shift_avg", "shift_avg_reported", "effective_robustness",
-                     "baseline", "source", "record_id", "choice", "seeds", "reference_std", "shift_avg_std",
+                     "baseline", "source", "record_id", "choice", "seeds", "shots", "reference_std", "shift_avg_std",
                      "effective_robustness_std"])
 
     def num(v: float | None) -> str:
@@ -143,7 +143,8 @@ def to_csv(boards: Sequence[Board]) -> str:
                                num(e.shift_avg), "yes" if e.shift_avg_reported else "", num(e.er)]
                             + [_csv_text(x) for x in (e.er_baseline, e.source, r.record_id,
                                                       r.placement.choice or "")]
-                            + [",".join(map(str, e.seeds)), num(e.spread.get("reference")),
+                            + [",".join(map(str, e.seeds)), "" if r.shots is None else str(r.shots),
+                               num(e.spread.get("reference")),
                                num(e.spread.get("shift_avg")), num(e.spread.get("er"))])
     return buf.getvalue()
 

@@ -35,7 +35,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
         for s in list_suites():
             print(f"{s.name}: reference {s.reference}; shifts {', '.join(s.shifts) or 'none'}; "
-                  f"train {'/'.join(s.train)}; baseline {s.baseline or 'none'}")
+                  f"train {'/'.join(s.train) if s.train else 'none'}; baseline {s.baseline or 'none'}")
             if s.description:
                 print(f"    {s.description}")
             status = suite_data_status(s, Path(args.data_root))

@@ -188,7 +188,7 @@ def print_summary(records: list, *, with_model: bool = False) -> None:
         rows = []
         for r in records:
             er = r.effective_robustness.get("shift-avg") if r.effective_robustness else None
-            rows.append([r.candidate, *([f"{r.model} ({r.pretrained})"] if with_model else []),
+            rows.append([r.label, *([f"{r.model} ({r.pretrained})"] if with_model else []),
                          *[f"{100 * r.score(c):.1f}" for c in cols], f"{100 * r.shift_mean:.1f}",
                          "-" if er is None else f"{100 * er:+.1f}"])
         note = "ER = effective robustness against the suite's baseline fit"

@@ -153,7 +153,7 @@ class Suite:
     name: str
     reference: str                 # dataset evaluated as the reference distribution (its "test" split)
     shifts: tuple[str, ...]        # datasets evaluated as distribution shifts ("test" splits)
-    train: tuple[str, str]         # (dataset, split) used to fine-tune
+    train: tuple[str, str] | None  # (dataset, split) used to fine-tune; None: an evaluation-only suite
     val: tuple[str, str] | None    # (dataset, split) held out for model selection; never test or shift data
     baseline: str | None = None    # name of the baseline fit that effective robustness uses
     description: str = ""
@@ -169,5 +169,6 @@ class Suite:
     @property
     def data_splits(self) -> tuple[tuple[str, str], ...]:
         """Every (dataset, split) the suite reads: the evaluated test splits, train, and val if any."""
-        needed = [(d, "test") for d in self.eval_datasets] + [self.train] + ([self.val] if self.val else [])
+        needed = [(d, "test") for d in self.eval_datasets] + ([self.train] if self.train else []) + \
+            ([self.val] if self.val else [])
         return tuple(dict.fromkeys(needed))

@@ -12,6 +12,7 @@ import torch
 from robustbench_ft import distributed
 from robustbench_ft.config import RunConfig
 from robustbench_ft.datasets.build import ensure_dataset
+from robustbench_ft.datasets.fewshot import ShotSubset, draw_subsets
 from robustbench_ft.datasets.registry import get_dataset
 from robustbench_ft.datasets.spec import Suite
 from robustbench_ft.loading.training_batches import labelled_batches
@@ -122,6 +123,20 @@ class MethodContext:
     progress: bool = True
     log: Callable[[str], None] = print
     train_missing: bool = True  # False (analyses of a finished run): a checkpoint not in the cache is an error
+    # --shots: role ("train"/"val") -> the drawn subset, drawn once by the top-level run's seed and shared by
+    # every method it calls (a soup's ingredients at other seeds train on the same shots)
+    subsets: dict[str, ShotSubset] = field(default_factory=dict)
+
+    def shot_subsets(self) -> dict[str, ShotSubset]:
+        """The k-shot subsets of this run (``--shots``), drawn on first use (see :mod:`~robustbench_ft.datasets.fewshot`)."""
+        if self.config.shots is not None and not self.subsets:
+            roles = ("train", "val") if self.suite.val is not None else ("train",)
+            self.subsets.update(draw_subsets(self.config, {r: self._full_split_dir(r) for r in roles},
+                                             self._split_names(roles), log=self.log))
+        return self.subsets
+
+    def _split_names(self, roles: Iterable[str]) -> dict[str, str]:
+        return {r: "/".join(self.suite.train if r == "train" else self.suite.val) for r in roles}
 
     @property
     def config(self) -> RunConfig:
@@ -152,6 +167,14 @@ class MethodContext:
             raise ValueError(f"suite {self.suite.name!r} declares no held-out (val) split, which this method needs "
                              "for its choices; declare one in the suite (Suite(val=(dataset, split))) or pick a "
                              "method that does not choose on held-out data")
+        if which == "train" and self.suite.train is None:
+            raise ValueError(f"suite {self.suite.name!r} is evaluation-only (no train split), but method "
+                             f"{self.run.method.name!r} trains; pick a suite with a train split or a zero-shot method")
+        if self.config.shots is not None:  # the k-shot protocol: the method sees the drawn subset only
+            return self.shot_subsets()[which].directory
+        return self._full_split_dir(which)
+
+    def _full_split_dir(self, which: Literal["train", "val"]) -> Path:
         dataset, split = self.suite.train if which == "train" else self.suite.val
         if is_url(self.config.data_root):
             raise ValueError(f"--data-root {describe(self.config.data_root)} is a URL, but method "
@@ -176,7 +199,7 @@ class MethodContext:
     def sub_context(self, name: str, options: Mapping[str, Any], *, seed: int | None = None) -> "MethodContext":
         """The context of another method under this run's settings (``seed`` replaced where given)."""
         sub = MethodContext(self.run.sub_run(name, options, seed=seed), self.clip, self.data, self.progress, self.log,
-                            self.train_missing)
+                            self.train_missing, self.shot_subsets())
         sub.__dict__["zeroshot"] = self.zeroshot  # share the zero-shot classifier (one text pass)
         return sub
 

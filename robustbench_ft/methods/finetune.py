@@ -14,6 +14,7 @@ import copy
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,6 +35,7 @@ from robustbench_ft.methods.training import (
     train,
 )
 from robustbench_ft.models.classifier import Classifier
+from robustbench_ft.shards.manifest import Manifest
 
 Penalty = Callable[[torch.nn.Module], torch.Tensor]
 """A regulariser added to the loss, computed from the model being trained (e.g. L2-SP)."""
@@ -84,10 +86,25 @@ def training_batches(ctx: MethodContext, batch_size: int) -> TrainingBatches:
     """The suite's training split with the train transform, in an order fixed by (seed, epoch) alone:
     the same batches for any ``--workers`` and, as a union over ranks, any number of processes."""
     world, directory = distributed.world(), ctx.split_dir("train")
+    if ctx.config.shots is not None:
+        batch_size = fewshot_batch_size(directory, batch_size, world.world_size, ctx.log)
     with distributed.main_first():  # rank 0 indexes the shards (once per set), the others read its index file
         return TrainingBatches(directory, ctx.clip.preprocess_train, batch_size, seed=ctx.config.seed,
                                workers=training_workers(ctx.config.workers, ctx.clip.device),
                                rank=world.rank, world_size=world.world_size)
+
+
+def fewshot_batch_size(directory: Path, batch_size: int, world_size: int, log) -> int:
+    """Under ``--shots``, a batch larger than the K-per-class subset becomes the whole subset: FLYP's few-shot
+    recipe trains on all 2k shots as one batch, one step per epoch (locuslab/FLYP @ 215d5bb, src/few_shot.py,
+    with --batch-size 256 and k <= 32); a batch that fits is kept."""
+    size = Manifest.load(directory).num_samples
+    if batch_size <= size:
+        return batch_size
+    full = size - size % world_size  # the global batch splits evenly over the processes
+    log(f"k-shot: the training subset has {size} samples, fewer than one batch of {batch_size}: training on it "
+        f"as one full batch of {full}, as FLYP's few-shot recipe does")
+    return full
 
 
 def training_workers(requested: int, device: torch.device) -> int:

@@ -41,6 +41,8 @@ class ResolvedRun:
         """What determines the results: the config's result-bearing fields, the weights by content, and
         every option of the method (and, through ``base_options``, of its base method) as it runs."""
         ident = {k: v for k, v in asdict(self.config).items() if k not in NOT_HASHED}
+        if ident.get("shots") is None:  # a full-data run keeps the identity (and keys) it had before --shots
+            ident.pop("shots", None)
         ident["method"] = self.method.name
         ident["pretrained"] = pretrained_identity(self.config.model, self.config.pretrained)
         ident["options"] = self.option_identity()
@@ -71,14 +73,18 @@ class ResolvedRun:
     def name(self) -> str:
         """The run's folder name under the results and reports directories."""
         return self.config.run_name or slugify(f"{self.suite.name}-{self.config.model}-{self.method.name}-"
-                                               f"{self.hash[:8]}")
+                                               f"{self._shots_part}{self.hash[:8]}")
+
+    @property
+    def _shots_part(self) -> str:
+        return "" if self.config.shots is None else f"{self.config.shots}shot-"
 
     @property
     def seeds_name(self) -> str:
         """The folder of a run over several seeds (``--seeds``): named by the identity without the seed;
         each seed's records go to ``<name>/seed-<s>/``."""
         return self.config.run_name or slugify(
-            f"{self.suite.name}-{self.config.model}-{self.method.name}-"
+            f"{self.suite.name}-{self.config.model}-{self.method.name}-{self._shots_part}"
             f"{stable_hash({k: v for k, v in self.identity.items() if k != 'seed'})[:8]}-seeds")
 
     def sub_run(self, method: str, options: Mapping[str, Any], *, seed: int | None = None) -> "ResolvedRun":
@@ -93,6 +99,9 @@ def resolve(config: RunConfig) -> ResolvedRun:
     suite = get_suite(config.suite)
     method = get_method(config.method)
     options = method.make_options({**suite.method_defaults.get(method.name, {}), **config.method_options})
+    if config.shots is not None and suite.train is None:
+        raise ValueError(f"--shots {config.shots}: suite {suite.name!r} has no train split to draw shots from; "
+                         "pick a suite with one (robustbench-ft list suites) or drop --shots")
     needs_val = getattr(method.cls, "needs_val", None)
     if suite.val is None and needs_val is not None and needs_val(options):  # refused before anything is written
         raise ValueError(f"method {method.name!r} trains on held-out data, but suite {suite.name!r} declares no "

@@ -67,7 +67,7 @@ def accuracy_table(records: Sequence[ResultRecord], reference: str, shifts: list
     table = Table(columns)
     for r, vals in zip(records, values):
         alpha = alpha_of(r)
-        row = [Cell(r.candidate, "name", r.record_id), *([Cell(model_label(r))] if with_model else []),
+        row = [Cell(r.label, "name", r.record_id), *([Cell(model_label(r))] if with_model else []),
                Cell(r.method)]
         if with_alpha:
             row.append(Cell("" if alpha is None else f"{alpha:g}", "num"))
@@ -89,7 +89,7 @@ def er_table(records: Sequence[ResultRecord], er_by_id: dict[str, dict[str, Any]
                    Cell("mean over shifts", "num")])
     for r, er in entries:
         per = er.get("per_shift", {})
-        table.rows.append([Cell(r.candidate, "name", r.record_id), *(er_cell(per.get(s)) for s in shifts),
+        table.rows.append([Cell(r.label, "name", r.record_id), *(er_cell(per.get(s)) for s in shifts),
                            er_cell(er.get(SHIFT_AVG)), er_cell(er.get("mean_per_shift"))])
     return table, ", ".join(names)
 
@@ -157,7 +157,7 @@ def seeds_table(records: Sequence[ResultRecord], reference: str, shifts: list[st
     table = Table([Cell("candidate"), Cell("seeds", "num"),
                    *(Cell(c if c != SHIFT_AVG else "shift avg", "num") for c in columns), Cell("ER avg (pp)", "num")])
     for members in groups.values():
-        row = [Cell(members[0].candidate, "name"), Cell(",".join(str(r.seed) for r in members), "num")]
+        row = [Cell(members[0].label, "name"), Cell(",".join(str(r.seed) for r in members), "num")]
         for column in columns:
             values = [shift_score(r, SHIFT_AVG, avg_shifts) if column == SHIFT_AVG
                       else r.score(column) if column in r.metrics else None for r in members]
