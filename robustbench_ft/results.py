@@ -105,6 +105,10 @@ class ResultRecord:
     # "curve": {"step", "loss", "lr", "grad_norm"} lists (at most 200 points; see methods.curves). {} if
     # none. Its peak memory is in ``timings`` (train_peak_cuda_allocated_mb / train_peak_process_rss_mb).
     training: dict[str, Any] = field(default_factory=dict)
+    # Robust accuracy on perturbed copies of the reference test set (optional, within schema 4; see
+    # perturbations.evaluate): name (``linf-4/255``, ``corruptions-s3``) -> {"top1", "clean_top1" (same samples),
+    # "n", attack / norm / eps / package / package_version ...}. Not shifts: no effective robustness for them.
+    perturbations: dict[str, dict[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def score(self, dataset: str) -> float:
@@ -181,7 +185,7 @@ class ResultRecord:
             raise RecordError(f"{source}: field 'summary' needs schema_version 2 (the file says 1)")
         if version < 3 and data.get("skipped_samples"):
             raise RecordError(f"{source}: field 'skipped_samples' needs schema_version 3 (the file says {version})")
-        for name in ("data", "training"):
+        for name in ("data", "training", "perturbations"):
             if version < 4 and data.get(name):
                 raise RecordError(f"{source}: field {name!r} needs schema_version 4 (the file says {version})")
         _check_types(data, source)
@@ -248,6 +252,7 @@ def _check_types(data: dict[str, Any], source: str) -> None:
     if not isinstance(identity, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in identity.items()):
         raise RecordError(f"{source}: field 'data' must be an object of \"dataset/split\" -> manifest hash (strings)")
     _check_training(data.get("training", {}), source)
+    _check_perturbations(data.get("perturbations", {}), source)
     skipped = data.get("skipped_samples", {})
     if not isinstance(skipped, dict) or not all(
             isinstance(e, dict) and isinstance(e.get("count"), int) and not isinstance(e["count"], bool)
@@ -281,6 +286,28 @@ def _check_training(training: Any, source: str) -> None:
     for k in names:
         if not all(_is_number(v) or (k == "grad_norm" and v is None) for v in curve[k]):
             raise RecordError(f"{where}['curve'][{k!r}] must hold finite numbers")
+
+
+def _check_perturbations(perturbations: Any, source: str) -> None:
+    """``perturbations``: name -> {"top1", "clean_top1" fractions, "n" a count >= 1 they are whole numbers of,
+    other facts numbers, strings, booleans or nulls}."""
+    where = f"{source}: field 'perturbations'"
+    if not isinstance(perturbations, dict):
+        raise RecordError(f"{where} must be an object")
+    for name, entry in perturbations.items():
+        at = f"{where}[{str(name)[:40]!r}]"
+        if not isinstance(entry, dict) or not all(_is_number(entry.get(k)) for k in ("top1", "clean_top1", "n")):
+            raise RecordError(f"{at} must be an object with numbers 'top1', 'clean_top1' and 'n'")
+        n = entry["n"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise RecordError(f"{at}['n'] must be a whole number >= 1, got {n!r}")
+        for key in ("top1", "clean_top1"):
+            if not 0.0 <= entry[key] <= 1.0 or not consistent_with_count(entry[key], n):
+                raise RecordError(f"{at}[{key!r}] = {entry[key]!r} must be a fraction in [0, 1] and a whole number "
+                                  f"of the n = {n} samples")
+        for key, value in entry.items():
+            if not (value is None or isinstance(value, (str, bool)) or _is_number(value)):
+                raise RecordError(f"{at}[{str(key)[:40]!r}] must be a number, string, boolean or null")
 
 
 COUNT_PREFIXES = ("n@", "num_")  # with "n": metrics entries that are counts, not scores in [0, 1]
