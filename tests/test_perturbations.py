@@ -128,14 +128,17 @@ def clip_tiny():
 
 
 def test_run_records_robust_accuracy_and_repeats(run_dirs):
-    config = RunConfig(model="rbft-tiny-vit", pretrained="random", suite="synthetic", method="zeroshot", report=False,
+    config = RunConfig(model="rbft-tiny-vit", pretrained="random", suite="synthetic", method="zeroshot",
                        perturbations=("linf-64/255", "corruptions-s3"), attack_samples=6, **run_dirs)
-    first = run(config, progress=False, log=lambda m: None).records[0]
+    outcome = run(config, progress=False, log=lambda m: None)
+    first = outcome.records[0]
+    assert "Robust accuracy under perturbations" in outcome.report.read_text(encoding="utf-8")
     entry = first.perturbations["linf-64/255"]
     assert entry["n"] == 6 and entry["population"] == 24 and entry["package"] == "pyautoattack"
     assert entry["top1"] <= entry["clean_top1"] and entry["norm"] == "Linf" and entry["subset_seed"] == 0
     assert first.perturbations["corruptions-s3"]["severity"] == 3
     assert "linf-64/255" not in first.metrics and not first.effective_robustness.get("per_shift", {}).get("linf-64/255")
-    again = run(RunConfig(**{**config.to_dict(), "results_dir": run_dirs["results_dir"] + "2"}), progress=False,
+    again = run(RunConfig(**{**config.to_dict(), "results_dir": run_dirs["results_dir"] + "2", "report": False}),
+                progress=False,
                 log=lambda m: None).records[0]
     assert again.perturbations == first.perturbations
