@@ -4,7 +4,14 @@ Importing this package registers the built-in families: the embedded demo suite,
 five shifts, the WILDS suites and the transfer datasets. Third-party packages register theirs
 through the entry-point groups ``robustbench_ft.datasets`` and ``robustbench_ft.suites``.
 """
-from robustbench_ft.datasets import demo, domainnet, imagenet, transfer, wilds  # noqa: F401  (register the built-in families)
+from robustbench_ft.datasets import (  # noqa: F401  (register the built-in families)
+    demo,
+    domainnet,
+    imagenet,
+    robust_transfer,
+    transfer,
+    wilds,
+)
 from robustbench_ft.datasets.build import ensure_dataset, prepare_suite
 from robustbench_ft.datasets.registry import (
     get_dataset,
