@@ -142,3 +142,17 @@ def test_run_records_robust_accuracy_and_repeats(run_dirs):
                 progress=False,
                 log=lambda m: None).records[0]
     assert again.perturbations == first.perturbations
+
+
+def test_boards_show_robust_accuracy_columns_in_the_papers_order():
+    from pathlib import Path
+
+    from robustbench_ft.board.leaderboard import build_leaderboard
+    from robustbench_ft.board.render import to_markdown
+    from robustbench_ft.results import load_records
+
+    published = Path(__file__).parents[1] / "results" / "published"
+    records = [r for r in load_records([published]) if r.suite == "transfer-uc-merced"]
+    (board,) = build_leaderboard(records)
+    assert board.perturbations == ["linf-4/255", "l2-2.0", "l1-75", "corruptions-s3"] and len(board.entries) == 12
+    assert "| linf-4/255 (robust) | l2-2.0 (robust) |" in to_markdown([board])

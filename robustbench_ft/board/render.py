@@ -34,7 +34,14 @@ def _header(board: Board, dataset: str) -> str:
 
 def _columns(board: Board) -> list[str]:
     return ["rank", "candidate", "kind", "method", "model", f"{_header(board, board.reference)} (ref)",
-            *(_header(board, s) for s in board.shifts), "shift avg", "ER (pp)", "source"]
+            *(_header(board, s) for s in board.shifts), *(f"{p} (robust)" for p in board.perturbations),
+            "shift avg", "ER (pp)", "source"]
+
+
+def robust_accuracy(e: Entry, name: str) -> float | None:
+    """The row's robust accuracy under perturbation ``name`` (the mean over its seeds' records that have it)."""
+    values = [r.perturbations[name]["top1"] for r in e.records if name in r.perturbations]
+    return sum(values) / len(values) if values else None
 
 
 def _numeric_columns(columns: Sequence[str]) -> set[int]:
@@ -55,7 +62,8 @@ def _row_text(board: Board, e: Entry) -> list[str]:
     rank = str(e.rank) if e.rank else ("oracle" if e.oracle else "—")
     return [rank, r.candidate + seeds, r.kind, r.method, f"{r.model} ({r.pretrained})",
             _with_spread(_pct(e.reference), e, "reference"),
-            *(_with_spread(_pct(e.shifts[s]), e, s) for s in board.shifts), avg,
+            *(_with_spread(_pct(e.shifts[s]), e, s) for s in board.shifts),
+            *(_pct(robust_accuracy(e, p)) for p in board.perturbations), avg,
             _with_spread(_pp(e.er), e, "er"), e.source]
 
 
@@ -70,6 +78,9 @@ def _notes(board: Board) -> list[str]:
     if any(e.shift_avg_reported for e in board.entries):
         notes.append("† shift average as the paper reports it (it may give no per-shift numbers, or tune "
                      "each column separately)")
+    if board.perturbations:
+        notes.append("(robust): accuracy under a perturbed copy of the reference test set (AutoAttack or the corruption "
+                     "portfolio; docs/perturbations.md), on the attacked samples; shown, not ranked, and no ER")
     notes.append(f"ER = effective robustness of the shift average in percentage points, against "
                  f"{board.baseline or 'no baseline'}")
     notes += [f"{shorten(e.record.candidate, 60)}: evaluated with unreadable samples left out ({e.record.skipped_note()}); "
