@@ -66,3 +66,29 @@ def test_linear_probe_mode_trains_the_head_alone_and_composes_with_wise_ft(run_d
 def test_bad_budgets_are_refused():
     with pytest.raises(ValueError, match="pixel units"):
         AdversarialOptions(eps=4.0)
+
+
+def test_an_interrupted_trades_run_resumes_to_the_uninterrupted_weights(run_dirs, tmp_path, monkeypatch):
+    from robustbench_ft.methods import training
+    from robustbench_ft.runner import run
+
+    options = {**FAST, "max_steps": 4, "random_start": True, "inner_loss": "ce"}
+    config = RunConfig(method="trades", method_options=options, checkpoint_every=2, **TINY, **run_dirs)
+    schedule = training.cosine_lr
+
+    def stop_at_3(step, cfg):
+        if step == 3:
+            raise KeyboardInterrupt
+        return schedule(step, cfg)
+
+    monkeypatch.setattr(training, "cosine_lr", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, progress=False, log=lambda m: None)
+    monkeypatch.setattr(training, "cosine_lr", schedule)
+    lines: list[str] = []
+    resumed = run(config, progress=False, log=lines.append).records[0]
+    assert any("resuming from step 2" in line for line in lines)
+    fresh_dirs = {**run_dirs, "cache_dir": str(tmp_path / "fresh"), "results_dir": str(tmp_path / "fresh-results")}
+    fresh = run(RunConfig(method="trades", method_options=options, checkpoint_every=0, **TINY, **fresh_dirs),
+                progress=False, log=lambda m: None).records[0]
+    assert resumed.metrics == fresh.metrics and resumed.training["final_loss"] == fresh.training["final_loss"]
