@@ -29,8 +29,9 @@ RUN_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+=-]{{0,{MAX_RUN_NAME - 1}}}")
 # decode too: its paths agree within one grey level (docs/performance.md); draft_factor does not, so it counts.
 # data_urls too: where shards are read from does not change them (records and caches key on their content).
 # perturbations / attack_samples too: they add robust accuracies to the records, changing no training or clean
-# score; the records' ids include them (runner.perturbation_identity), so another choice is scored afresh.
-NOT_HASHED = frozenset({"perturbations", "attack_samples", "data_root", "data_urls", "cache_dir", "results_dir", "reports_dir", "eval_batch_size",
+# score; the records' ids include them (runner.perturbation_key), so another choice is scored afresh.
+NOT_HASHED = frozenset({"perturbations", "attack_samples",
+                        "data_root", "data_urls", "cache_dir", "results_dir", "reports_dir", "eval_batch_size",
                         "workers", "device", "run_name", "report", "trust_pickle", "on_bad_sample",
                         "checkpoint_every", "decode", "compile", "overwrite", "tensorboard", "method_options", "seeds"})
 
@@ -85,7 +86,8 @@ class RunConfig:
             raise ConfigError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
         parse_perturbations(self.perturbations)  # an unknown name or a repeated one: refused before any work
         if self.attack_samples is not None and self.attack_samples < 1:
-            raise ConfigError(f"attack_samples must be >= 1 (or unset for the whole test set), got {self.attack_samples}")
+            raise ConfigError(f"attack_samples must be >= 1 (or unset for the whole test set), "
+                              f"got {self.attack_samples}")
         if self.run_name is not None and not RUN_NAME.fullmatch(self.run_name):
             raise ConfigError(f"run_name {self.run_name[:80]!r} must be one folder name of 1-{MAX_RUN_NAME} letters, "
                               "digits and . _ + = - (starting with a letter or digit), not a path: it names "

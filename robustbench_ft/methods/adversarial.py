@@ -90,7 +90,7 @@ class PixelBall:
 
 def pgd(model: torch.nn.Module, ball: PixelBall, images: torch.Tensor, loss_of, opts: AdversarialOptions,
         start: torch.Tensor | None = None) -> torch.Tensor:
-    """Normalised inputs x' maximising ``loss_of(logits)`` by ℓ∞ PGD in pixel space (``start``: pixels to begin at)."""
+    """Normalised inputs x' maximising ``loss_of(logits)`` by ℓ∞ PGD in pixels (``start``: pixels to begin at)."""
     p0 = ball.pixels(images).detach().clamp(0.0, 1.0)
     p = p0.clone() if start is None else ball.project(start, p0, opts.eps)
     with frozen_eval(model), torch.autocast(images.device.type, enabled=False):
