@@ -148,7 +148,7 @@ def test_boards_show_robust_accuracy_columns_in_the_papers_order():
     from pathlib import Path
 
     from robustbench_ft.board.leaderboard import build_leaderboard
-    from robustbench_ft.board.render import to_markdown
+    from robustbench_ft.board.render import to_csv, to_markdown
     from robustbench_ft.results import load_records
 
     published = Path(__file__).parents[1] / "results" / "published"
@@ -156,3 +156,5 @@ def test_boards_show_robust_accuracy_columns_in_the_papers_order():
     (board,) = build_leaderboard(records)
     assert board.perturbations == ["linf-4/255", "l2-2.0", "l1-75", "corruptions-s3"] and len(board.entries) == 12
     assert "| linf-4/255 (robust) | l2-2.0 (robust) |" in to_markdown([board])
+    header, *rows = to_csv([board]).splitlines()
+    assert header.endswith("robust@linf-4/255,robust@l2-2.0,robust@l1-75,robust@corruptions-s3") and len(rows) == 12

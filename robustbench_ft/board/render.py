@@ -135,12 +135,13 @@ def _csv_text(value: str) -> str:
 def to_csv(boards: Sequence[Board]) -> str:
     """One row per entry across suites; scores as fractions, empty where a record has none."""
     datasets = list(dict.fromkeys(d for b in boards for d in b.shifts))
+    robust = list(dict.fromkeys(p for b in boards for p in b.perturbations))  # last, so other columns keep their place
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["suite", "rank", "kind", "candidate", "method", "model", "pretrained", "reference",
                      "reference_score", *datasets, "shift_avg", "shift_avg_reported", "effective_robustness",
                      "baseline", "source", "record_id", "choice", "seeds", "reference_std", "shift_avg_std",
-                     "effective_robustness_std"])
+                     "effective_robustness_std", *(f"robust@{p}" for p in robust)])
 
     def num(v: float | None) -> str:
         return "" if v is None or not math.isfinite(v) else repr(round(float(v), 6))
@@ -155,7 +156,8 @@ def to_csv(boards: Sequence[Board]) -> str:
                             + [_csv_text(x) for x in (e.er_baseline, e.source, r.record_id,
                                                       r.placement.choice or "")]
                             + [",".join(map(str, e.seeds)), num(e.spread.get("reference")),
-                               num(e.spread.get("shift_avg")), num(e.spread.get("er"))])
+                               num(e.spread.get("shift_avg")), num(e.spread.get("er"))]
+                            + [num(robust_accuracy(e, p)) for p in robust])
     return buf.getvalue()
 
 
