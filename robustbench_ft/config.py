@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from robustbench_ft.perturbations.spec import parse_perturbations
 from robustbench_ft.typed import ConfigError, check, check_fields
 
 Precision = Literal["fp32", "amp_bf16"]
@@ -27,7 +28,10 @@ RUN_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+=-]{{0,{MAX_RUN_NAME - 1}}}")
 # checkpoint), and a record that skipped samples says so itself (ResultRecord.skipped_samples).
 # decode too: its paths agree within one grey level (docs/performance.md); draft_factor does not, so it counts.
 # data_urls too: where shards are read from does not change them (records and caches key on their content).
-NOT_HASHED = frozenset({"data_root", "data_urls", "cache_dir", "results_dir", "reports_dir", "eval_batch_size",
+# perturbations / attack_samples too: they add robust accuracies to the records, changing no training or clean
+# score; the records' ids include them (runner.perturbation_key), so another choice is scored afresh.
+NOT_HASHED = frozenset({"perturbations", "attack_samples",
+                        "data_root", "data_urls", "cache_dir", "results_dir", "reports_dir", "eval_batch_size",
                         "workers", "device", "run_name", "report", "trust_pickle", "on_bad_sample",
                         "checkpoint_every", "decode", "compile", "overwrite", "tensorboard", "method_options", "seeds"})
 
@@ -66,6 +70,10 @@ class RunConfig:
     # k-shot protocol: train (and choose) on K samples per class of the suite's train (and val) split, drawn
     # by the seed (robustbench_ft.datasets.fewshot); None: the whole splits
     shots: int | None = None
+    # perturbed copies of the reference test set scored as robust accuracy (docs/perturbations.md), e.g.
+    # linf-4/255,l2-2.0,l1-75,corruptions-s3; attack_samples: a seeded subset of that many (None: all)
+    perturbations: tuple[str, ...] = ()
+    attack_samples: int | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)  # every source (TOML, Python, CLI) is held to the declared types
@@ -81,6 +89,10 @@ class RunConfig:
             raise ConfigError(f"shots must be >= 1 (samples per class), got {self.shots}")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise ConfigError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
+        parse_perturbations(self.perturbations)  # an unknown name or a repeated one: refused before any work
+        if self.attack_samples is not None and self.attack_samples < 1:
+            raise ConfigError(f"attack_samples must be >= 1 (or unset for the whole test set), "
+                              f"got {self.attack_samples}")
         if self.run_name is not None and not RUN_NAME.fullmatch(self.run_name):
             raise ConfigError(f"run_name {self.run_name[:80]!r} must be one folder name of 1-{MAX_RUN_NAME} letters, "
                               "digits and . _ + = - (starting with a letter or digit), not a path: it names "

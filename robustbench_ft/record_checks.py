@@ -69,6 +69,7 @@ def check_types(data: dict[str, Any], source: str) -> None:
     if not isinstance(identity, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in identity.items()):
         raise RecordError(f"{source}: field 'data' must be an object of \"dataset/split\" -> manifest hash (strings)")
     _check_training(data.get("training", {}), source)
+    _check_perturbations(data.get("perturbations", {}), source)
     skipped = data.get("skipped_samples", {})
     if not isinstance(skipped, dict) or not all(
             isinstance(e, dict) and isinstance(e.get("count"), int) and not isinstance(e["count"], bool)
@@ -102,6 +103,28 @@ def _check_training(training: Any, source: str) -> None:
     for k in names:
         if not all(_is_number(v) or (k == "grad_norm" and v is None) for v in curve[k]):
             raise RecordError(f"{where}['curve'][{k!r}] must hold finite numbers")
+
+
+def _check_perturbations(perturbations: Any, source: str) -> None:
+    """``perturbations``: name -> {"top1", "clean_top1" fractions, "n" (a count >= 1 they are whole numbers of;
+    a published entry may lack it), other facts numbers, strings, booleans or nulls}."""
+    where = f"{source}: field 'perturbations'"
+    if not isinstance(perturbations, dict):
+        raise RecordError(f"{where} must be an object")
+    for name, entry in perturbations.items():
+        at = f"{where}[{str(name)[:40]!r}]"
+        if not isinstance(entry, dict) or not all(_is_number(entry.get(k)) for k in ("top1", "clean_top1")):
+            raise RecordError(f"{at} must be an object with numbers 'top1' and 'clean_top1' (and a count 'n')")
+        for key, value in entry.items():
+            if not (value is None or isinstance(value, (str, bool)) or _is_number(value)):
+                raise RecordError(f"{at}[{str(key)[:40]!r}] must be a number, string, boolean or null")
+        n = entry.get("n")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise RecordError(f"{at}['n'] must be a whole number >= 1, got {n!r}")
+        for key in ("top1", "clean_top1"):
+            if not 0.0 <= entry[key] <= 1.0 or (n is not None and not consistent_with_count(entry[key], n)):
+                raise RecordError(f"{at}[{key!r}] = {entry[key]!r} must be a fraction in [0, 1]"
+                                  + (f" and a whole number of the n = {n} samples" if n is not None else ""))
 
 
 COUNT_PREFIXES = ("n@", "num_")  # with "n": metrics entries that are counts, not scores in [0, 1]

@@ -101,6 +101,10 @@ class ResultRecord:
     # "curve": {"step", "loss", "lr", "grad_norm"} lists (at most 200 points; see methods.curves). {} if
     # none. Its peak memory is in ``timings`` (train_peak_cuda_allocated_mb / train_peak_process_rss_mb).
     training: dict[str, Any] = field(default_factory=dict)
+    # Robust accuracy on perturbed copies of the reference test set (optional, within schema 4; see
+    # perturbations.evaluate): name (``linf-4/255``, ``corruptions-s3``) -> {"top1", "clean_top1" (same samples),
+    # "n", attack / norm / eps / package / package_version ...}. Not shifts: no effective robustness for them.
+    perturbations: dict[str, dict[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def score(self, dataset: str) -> float:
@@ -188,7 +192,7 @@ class ResultRecord:
             raise RecordError(f"{source}: field 'summary' needs schema_version 2 (the file says 1)")
         if version < 3 and data.get("skipped_samples"):
             raise RecordError(f"{source}: field 'skipped_samples' needs schema_version 3 (the file says {version})")
-        for name in ("data", "training"):
+        for name in ("data", "training", "perturbations"):
             if version < 4 and data.get(name):
                 raise RecordError(f"{source}: field {name!r} needs schema_version 4 (the file says {version})")
         check_types(data, source)

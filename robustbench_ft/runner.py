@@ -139,7 +139,7 @@ def _run(config: RunConfig, *, progress: bool, log: Callable[[str], None]) -> Ru
     check_candidates(config.method, candidates)
     timings["method"] = time.perf_counter() - t
 
-    key = resolved.key(data)
+    key = perturbation_key(resolved.key(data), config)
     paths = {c.name: out_dir / f"{slugify(c.name)}.json" for c in candidates}
     records = _finished_records(candidates, paths, key, skip)
     pending = [c for c in candidates if c.name not in records]
@@ -152,9 +152,12 @@ def _run(config: RunConfig, *, progress: bool, log: Callable[[str], None]) -> Ru
                              clip.preprocess_eval, options, cache=ArrayCache(Path(config.cache_dir) / "logits", log),
                              features=ArrayCache(Path(config.cache_dir) / "features", log), log=log)
         timings["evaluate"] = time.perf_counter() - t
+        robust = _score_perturbations(pending, config, dirs[suite.reference], clip, specs[suite.reference], timings,
+                                      progress, log)
         baseline = _suite_baseline(suite.baseline)
         for c in pending:
             rec = _record(c, resolved, key, data, scores, timings, shot_tags(shots))
+            rec.perturbations = robust.get(c.name, {})
             if baseline is not None:
                 attach_effective_robustness(rec, baseline)
             if distributed.world().is_main:
@@ -168,6 +171,32 @@ def _run(config: RunConfig, *, progress: bool, log: Callable[[str], None]) -> Ru
         outcome.report = render_run_report(ordered, resolved)
     timings["total"] = time.perf_counter() - t0
     return outcome
+
+
+def perturbation_key(key: str, config: RunConfig) -> str:
+    """The run's key, extended by its perturbation shifts where it has any (records with other perturbations,
+    or another attacked subset, are scored afresh; a run without them keeps its key)."""
+    if not config.perturbations:
+        return key
+    return stable_hash([key, {"perturbations": list(config.perturbations), "attack_samples": config.attack_samples}])
+
+
+def _score_perturbations(pending: list[Candidate], config: RunConfig, directory: Path | str, clip, reference,
+                         timings: dict[str, float], progress: bool, log: Callable[[str], None]) -> dict[str, dict]:
+    """Robust accuracy of each pending candidate under ``config.perturbations`` (docs/perturbations.md)."""
+    if not config.perturbations:
+        return {}
+    from robustbench_ft.perturbations.evaluate import score_perturbations
+
+    t = time.perf_counter()
+    log(f"perturbations {', '.join(config.perturbations)} on {reference.name} "
+        f"({config.attack_samples or 'all'} samples) for {len(pending)} candidate(s)")
+    options = EvalOptions.from_config(config, clip.device, progress=progress)
+    out = score_perturbations({c.name: c.classifier for c in pending}, directory, clip.preprocess_eval,
+                              config.perturbations, len(reference.classnames), options,
+                              samples=config.attack_samples, seed=config.seed)
+    timings["perturbations"] = time.perf_counter() - t
+    return out
 
 
 def check_writable(directory: Path, flag: str) -> None:

@@ -130,7 +130,7 @@ def test_html_is_escaped_and_uses_the_report_look(records):
 
 def test_published_entries_ship_marked_with_citations():
     published = load_records([PUBLISHED])
-    assert len(published) == 62 and all(r.kind == "published" and r.citation for r in published)
+    assert len(published) == 134 and all(r.kind == "published" and r.citation for r in published)
     ids = {r.record_id: r for r in published}
     wise = ids["published-wortsman2022-wise-ft-e2e-alpha-0.5"]
     assert wise.model == "ViT-L-14-336" and wise.reference_score == pytest.approx(0.868)
@@ -155,6 +155,10 @@ def test_published_entries_ship_marked_with_citations():
     carot = ids["published-asadollahzadeh2026-imagenet-carot"]  # TRACER Table 1, its reproduction
     assert carot.score("objectnet") == pytest.approx(0.5663) and carot.metrics["imagenet"]["top1_std"] == 0.0006
     assert "TRACER" in carot.citation and carot.shift_mean == pytest.approx(0.6254)
+    robust = ids["published-heuillet2025-uc-merced-convnext-base-w-laion2b-trades-fft50"]  # results_dataset.csv row 1
+    assert robust.reference_score == pytest.approx(0.9523809523809523) and robust.suite == "transfer-uc-merced"
+    assert robust.perturbations["linf-4/255"]["top1"] == pytest.approx(0.8) and robust.shifts == []
+    assert robust.perturbations["corruptions-s3"]["top1"] == pytest.approx(0.8476190476190476)
     stock = ids["published-asadollahzadeh2026-imagenet-model-stock"]  # four shifts, no ObjectNet
     assert "objectnet" not in stock.metrics and stock.summary[SHIFT_AVG]["over"] == [
         "imagenetv2-matched-frequency", "imagenet-r", "imagenet-a", "imagenet-sketch"]

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from robustbench_ft.perturbations.spec import PAPER_SET
 from robustbench_ft.results import ResultRecord
 from robustbench_ft.robustness.baseline import SHIFT_AVG, Baseline, shift_score
 from robustbench_ft.robustness.effective import compute_effective_robustness
@@ -98,6 +99,8 @@ class Board:
     metrics: dict[str, str]           # dataset -> primary metric name shown in the header
     baseline: str                     # baseline used for effective robustness ("" if none)
     entries: list[Entry] = field(default_factory=list)
+    # perturbation shifts any of its records scored (robust accuracy columns; never ranked, no ER)
+    perturbations: list[str] = field(default_factory=list)
 
 
 def shorten(text: str, limit: int = MAX_TEXT) -> str:
@@ -215,5 +218,8 @@ def build_leaderboard(
         metrics = {d: next((r.primary_metric[d] for r in members if d in r.primary_metric), "top1")
                    for d in [refs[0], *shifts]}
         used = sorted({e.er_baseline for e in entries if e.er_baseline})
-        boards.append(Board(name, refs[0], shifts, metrics, ", ".join(used), entries))
+        board = Board(name, refs[0], shifts, metrics, ", ".join(used), entries)
+        names = list(dict.fromkeys(p for r in members for p in r.perturbations))
+        board.perturbations = sorted(names, key=lambda p: (PAPER_SET.index(p) if p in PAPER_SET else len(PAPER_SET)))
+        boards.append(board)
     return boards

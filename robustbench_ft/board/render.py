@@ -34,7 +34,14 @@ def _header(board: Board, dataset: str) -> str:
 
 def _columns(board: Board) -> list[str]:
     return ["rank", "candidate", "kind", "method", "model", f"{_header(board, board.reference)} (ref)",
-            *(_header(board, s) for s in board.shifts), "shift avg", "ER (pp)", "source"]
+            *(_header(board, s) for s in board.shifts), *(f"{p} (robust)" for p in board.perturbations),
+            "shift avg", "ER (pp)", "source"]
+
+
+def robust_accuracy(e: Entry, name: str) -> float | None:
+    """The row's robust accuracy under perturbation ``name`` (the mean over its seeds' records that have it)."""
+    values = [r.perturbations[name]["top1"] for r in e.records if name in r.perturbations]
+    return sum(values) / len(values) if values else None
 
 
 def _numeric_columns(columns: Sequence[str]) -> set[int]:
@@ -55,7 +62,8 @@ def _row_text(board: Board, e: Entry) -> list[str]:
     rank = str(e.rank) if e.rank else ("oracle" if e.oracle else "—")
     return [rank, r.label + seeds, r.kind, r.method, f"{r.model} ({r.pretrained})",
             _with_spread(_pct(e.reference), e, "reference"),
-            *(_with_spread(_pct(e.shifts[s]), e, s) for s in board.shifts), avg,
+            *(_with_spread(_pct(e.shifts[s]), e, s) for s in board.shifts),
+            *(_pct(robust_accuracy(e, p)) for p in board.perturbations), avg,
             _with_spread(_pp(e.er), e, "er"), e.source]
 
 
@@ -70,6 +78,9 @@ def _notes(board: Board) -> list[str]:
     if any(e.shift_avg_reported for e in board.entries):
         notes.append("† shift average as the paper reports it (it may give no per-shift numbers, or tune "
                      "each column separately)")
+    if board.perturbations:
+        notes.append("(robust): accuracy under a perturbed copy of the reference test set (AutoAttack or the corruption "
+                     "portfolio; docs/perturbations.md), on the attacked samples; shown, not ranked, and no ER")
     notes.append(f"ER = effective robustness of the shift average in percentage points, against "
                  f"{board.baseline or 'no baseline'}")
     notes += [f"{shorten(e.record.candidate, 60)}: evaluated with unreadable samples left out ({e.record.skipped_note()}); "
@@ -124,12 +135,13 @@ def _csv_text(value: str) -> str:
 def to_csv(boards: Sequence[Board]) -> str:
     """One row per entry across suites; scores as fractions, empty where a record has none."""
     datasets = list(dict.fromkeys(d for b in boards for d in b.shifts))
+    robust = list(dict.fromkeys(p for b in boards for p in b.perturbations))  # last, so other columns keep their place
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["suite", "rank", "kind", "candidate", "method", "model", "pretrained", "reference",
                      "reference_score", *datasets, "shift_avg", "shift_avg_reported", "effective_robustness",
                      "baseline", "source", "record_id", "choice", "seeds", "shots", "reference_std", "shift_avg_std",
-                     "effective_robustness_std"])
+                     "effective_robustness_std", *(f"robust@{p}" for p in robust)])
 
     def num(v: float | None) -> str:
         return "" if v is None or not math.isfinite(v) else repr(round(float(v), 6))
@@ -145,7 +157,8 @@ def to_csv(boards: Sequence[Board]) -> str:
                                                       r.placement.choice or "")]
                             + [",".join(map(str, e.seeds)), "" if r.shots is None else str(r.shots),
                                num(e.spread.get("reference")),
-                               num(e.spread.get("shift_avg")), num(e.spread.get("er"))])
+                               num(e.spread.get("shift_avg")), num(e.spread.get("er"))]
+                            + [num(robust_accuracy(e, p)) for p in robust])
     return buf.getvalue()
 
 

@@ -32,7 +32,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     elif args.what == "suites":
         from robustbench_ft.datasets.build import suite_data_status
         from robustbench_ft.datasets.registry import list_suites
+        from robustbench_ft.datasets.robust_transfer import COLLECTIONS
 
+        for name, members in COLLECTIONS.items():
+            print(f"{name} (collection: run --suite {name} runs each): {', '.join(members)}")
         for s in list_suites():
             print(f"{s.name}: reference {s.reference}; shifts {', '.join(s.shifts) or 'none'}; "
                   f"train {'/'.join(s.train) if s.train else 'none'}; baseline {s.baseline or 'none'}")

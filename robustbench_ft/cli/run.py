@@ -140,6 +140,10 @@ def _parse_run(argv: Sequence[str]) -> tuple[RunConfig, argparse.Namespace]:
 
 def cmd_run(argv: Sequence[str]) -> int:
     config, pairs = grid_from_argv(argv)
+    from robustbench_ft.datasets.robust_transfer import COLLECTIONS
+
+    if config.suite in COLLECTIONS:
+        return _cmd_collection(argv, config)
     if len(pairs) > 1:
         return _cmd_grid(config, pairs)
     from dataclasses import replace
@@ -153,6 +157,21 @@ def cmd_run(argv: Sequence[str]) -> int:
     print(f"\nrecords: {outcome.records_dir}/")
     if outcome.report:
         print(f"report:  {outcome.report}")
+    return 0
+
+
+def _cmd_collection(argv: Sequence[str], config: RunConfig) -> int:
+    """``--suite <collection>``: the same command once per suite of the collection, each its own run (with
+    ``--run-name N``, named ``N-<suite>``)."""
+    from robustbench_ft.datasets.robust_transfer import COLLECTIONS
+
+    suites = COLLECTIONS[config.suite]
+    for number, suite in enumerate(suites, 1):
+        print(f"suite {suite} ({number} of {len(suites)} in {config.suite})")
+        named = ["--run-name", f"{config.run_name}-{suite}"] if config.run_name else []
+        code = cmd_run([*argv, "--suite", suite, *named])
+        if code:
+            return code
     return 0
 
 

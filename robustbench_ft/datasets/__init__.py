@@ -10,6 +10,7 @@ from robustbench_ft.datasets import (  # noqa: F401  (register the built-in fami
     demo,
     domainnet,
     imagenet,
+    robust_transfer,
     transfer,
     video_robust,
     wilds,

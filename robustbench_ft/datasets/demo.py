@@ -89,6 +89,8 @@ DEMO = register_suite(Suite(
         "carot": {"epochs": 1.0, "batch_size": 256, "lr": 3e-5, "warmup_steps": 20, "ema_every": 4},
         "fsr": {"epochs": 1.0, "batch_size": 256, "lr": 1e-4, "warmup_steps": 20},
         "lp-ft": {"epochs": 1.0, "batch_size": 256, "lr": 3e-5, "warmup_steps": 20},
+        # adversarial fine-tuning at finetune's schedule (Heuillet et al. tune lr per run by HPO; no default to copy)
+        **{m: {"epochs": 1.0, "batch_size": 256, "lr": 1e-4, "warmup_steps": 20} for m in ("pgd-at", "trades")},
         # The projection optimizers at finetune's schedule (their own decay, clipping and anchors stay as their
         # code has them); TPGM's radius training cut from 200 to 30 batches of 64 so that, as on ImageNet, it is a
         # small fraction of the fine-tuning run (200 x 64 is 0.1 % of ImageNet's 10 epochs but a quarter of this

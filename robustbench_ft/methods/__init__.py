@@ -4,6 +4,7 @@ Importing this package registers the built-in methods; third-party packages regi
 entry-point group ``robustbench_ft.methods``.
 """
 from robustbench_ft.methods import (  # noqa: F401, E402  (register the built-in methods)
+    adversarial,
     carot,
     digrap,
     ensemble,

@@ -26,6 +26,7 @@ from robustbench_ft.report.tables import (
     fit_table,
     model_label,
     percent,
+    robust_table,
     seeds_table,
 )
 from robustbench_ft.results import ResultRecord, now_iso
@@ -237,6 +238,7 @@ def render_report(
         "fits": fit_table(baseline) if baseline is not None else None,
         "alpha_gains": alpha_gain_table(candidates, reference, shifts, avg_shifts),
         "seeds": seeds_table(candidates, reference, shifts, avg_shifts),
+        "robust": robust_table(candidates),
         "analysis": analysis_tables(analysis) if analysis else [],
         "config": _flatten(first.config),
         "config_hash": first.config_hash,

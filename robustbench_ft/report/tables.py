@@ -193,3 +193,27 @@ def analysis_tables(analysis: dict[str, Any]) -> list[tuple[str, Table]]:
                                     if chord else "—", "num")])
         out.append((curve, table))
     return out
+
+
+def robust_table(records: Sequence[ResultRecord]) -> Table | None:
+    """Robust accuracy (%) under each perturbation shift, next to the clean accuracy on the same samples.
+
+    No effective robustness here: a perturbation has no baseline trend (docs/perturbations.md)."""
+    names = list(dict.fromkeys(p for r in records for p in r.perturbations))
+    if not names:
+        return None
+    first = {p: next(r.perturbations[p] for r in records if p in r.perturbations) for p in names}
+    table = Table([Cell("candidate"), Cell("clean (same samples)", "num"),
+                   *(Cell(p, "num", _perturbation_title(first[p])) for p in names)])
+    for r in records:
+        clean = next((e["clean_top1"] for e in r.perturbations.values()), None)
+        table.rows.append([Cell(r.candidate, "name", r.record_id), Cell(percent(clean), "num"),
+                           *(Cell(percent(r.perturbations[p]["top1"]) if p in r.perturbations else "–", "num")
+                             for p in names)])
+    return table
+
+
+def _perturbation_title(entry: dict[str, Any]) -> str:
+    what = (f"AutoAttack {entry.get('version')} {entry.get('norm')} eps={entry.get('eps'):.6g}"
+            if entry.get("attack") == "autoattack" else f"corruption portfolio, severity {entry.get('severity')}")
+    return f"{what}; {entry.get('package')} {entry.get('package_version')}; n = {entry['n']}"
