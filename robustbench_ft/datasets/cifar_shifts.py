@@ -29,7 +29,7 @@ from robustbench_ft.convert.sources import ConversionError, ConvertOptions, Sour
 from robustbench_ft.datasets.class_lists import load_list
 from robustbench_ft.datasets.registry import register_dataset, register_suite
 from robustbench_ft.datasets.spec import DatasetSpec, Suite
-from robustbench_ft.demo.digits import _NumpyOnlyUnpickler
+from robustbench_ft.demo.digits import NumpyOnlyUnpickler
 from robustbench_ft.shards.manifest import Manifest
 
 CIFAR101_FILES = ("cifar10.1_v6_data.npy", "cifar10.1_v6_labels.npy")
@@ -37,15 +37,7 @@ CIFAR102_FILES = ("cifar102_test.npz", "cifar102_test.npy")
 TEST_COUNT = 2_000  # both: CIFAR-10.1 README (v6: 2,000 images); CIFAR-10.2 README (n = 2,000 test)
 
 
-class _DictUnpickler(_NumpyOnlyUnpickler):
-    """numpy arrays inside plain containers (CIFAR-10.2's old ``.npy`` dict) and nothing else."""
-
-    def find_class(self, module: str, name: str):
-        try:
-            return super().find_class(module, name)
-        except pickle.UnpicklingError:
-            raise pickle.UnpicklingError(f"it holds a {module}.{name} object; the CIFAR-10.2 file holds only a dict "
-                                         "of numpy arrays") from None
+CIFAR102_REFUSAL = "it holds a {what} object; the CIFAR-10.2 file holds only a dict of numpy arrays"
 
 
 def _folder(src: Path, names: tuple[str, ...], dataset: str, layout: str) -> Path:
@@ -84,7 +76,7 @@ def _cifar102_dict(path: Path) -> dict[str, Any]:
             if dtype != object or shape != ():
                 raise ConversionError(f"{path}: expected a pickled dict (the 2020 release), found a {dtype} array "
                                       f"of shape {shape}")
-            value = _DictUnpickler(f).load()
+            value = NumpyOnlyUnpickler(f, refusal=CIFAR102_REFUSAL).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, OSError) as e:
         raise ConversionError(f"{path} is not a readable CIFAR-10.2 file ({e}); re-download it") from None
     value = value.item() if isinstance(value, np.ndarray) else value

@@ -54,7 +54,7 @@ from robustbench_ft.convert.sources import (
 from robustbench_ft.datasets.class_lists import load_list
 from robustbench_ft.datasets.registry import register_dataset, register_suite
 from robustbench_ft.datasets.spec import DatasetSpec, Suite
-from robustbench_ft.demo.digits import _NumpyOnlyUnpickler
+from robustbench_ft.demo.digits import NumpyOnlyUnpickler
 from robustbench_ft.shards.manifest import Manifest
 
 VAL_FRACTION = 0.1
@@ -67,15 +67,7 @@ Scan = Callable[[Path, str, ConvertOptions], tuple[list[SourceItem], tuple[str, 
 # --------------------------------------------------------------------------- scanners
 
 
-class _CifarUnpickler(_NumpyOnlyUnpickler):
-    """The demo suite's numpy-only unpickler (its allow-list), with an error that names CIFAR."""
-
-    def find_class(self, module: str, name: str):
-        try:
-            return super().find_class(module, name)
-        except pickle.UnpicklingError:
-            raise pickle.UnpicklingError(f"it holds a {module}.{name} object; a CIFAR batch holds only dicts, "
-                                         "lists, strings and numpy arrays") from None
+CIFAR_REFUSAL = "it holds a {what} object; a CIFAR batch holds only dicts, lists, strings and numpy arrays"
 
 
 def _unpickle(path: Path) -> dict[str, Any]:
@@ -85,7 +77,7 @@ def _unpickle(path: Path) -> dict[str, Any]:
     """
     try:
         with open(path, "rb") as fh:
-            return _CifarUnpickler(fh, encoding="latin1").load()
+            return NumpyOnlyUnpickler(fh, encoding="latin1", refusal=CIFAR_REFUSAL).load()
     except FileNotFoundError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:

