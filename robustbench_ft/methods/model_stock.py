@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
 
 from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.registry import METHOD_ALIASES, register_method
-from robustbench_ft.models.classifier import Classifier, ClassifierInfo, check_state_dict
+from robustbench_ft.models.classifier import Classifier, check_state_dict
 from robustbench_ft.typed import check_fields
 
 
@@ -113,7 +113,7 @@ class ModelStock:
                    "t_mean": sum(values) / len(values), "t_min": min(values), "t_max": max(values)}
         ctx.log(f"model stock of {len(runs)} {opts.base} runs (seeds {list(opts.ingredient_seeds)}): t per tensor "
                 f"{summary['t_min']:.3f}..{summary['t_max']:.3f} (mean {summary['t_mean']:.3f})")
-        merged.info = ClassifierInfo(runs[0].info.model, runs[0].info.classnames, runs[0].info.templates, {
+        merged.info = replace(runs[0].info, provenance={
             "pretrained": ctx.clip.pretrained, "method": "model-stock", "model_stock": {**summary, "t": ratios}})
         return [Candidate("model-stock", merged, alpha=1.0, endpoint="finetuned", base=opts.base,
                           extra={"k": len(runs), "t_mean": round(summary["t_mean"], 6)})]

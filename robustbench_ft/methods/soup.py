@@ -18,7 +18,7 @@ probe initialisation).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,7 +27,7 @@ from robustbench_ft.evaluation.dataset_pass import evaluate_cached
 from robustbench_ft.evaluation.options import EvalOptions
 from robustbench_ft.methods.context import Candidate, MethodContext
 from robustbench_ft.methods.registry import METHOD_ALIASES, register_method
-from robustbench_ft.models.classifier import Classifier, ClassifierInfo, average
+from robustbench_ft.models.classifier import Classifier, average
 from robustbench_ft.typed import check_fields
 
 KINDS = ("uniform", "greedy")
@@ -104,7 +104,7 @@ class Soup:
             soup, chosen, soup_score = greedy_soup(models, lambda m: held_out_top1(ctx, {"soup": m})["soup"],
                                                    val_scores)
         ctx.log(f"{opts.kind} soup of {len(chosen)}/{n} ingredient(s): {', '.join(names[i] for i in chosen)}")
-        soup.info = ClassifierInfo(models[0].info.model, models[0].info.classnames, models[0].info.templates, {
+        soup.info = replace(models[0].info, provenance={
             "pretrained": ctx.clip.pretrained, "method": "soup", "soup": {
                 "kind": opts.kind, "base": opts.base, "ingredients": names, "chosen": [names[i] for i in chosen],
                 "val_top1": val_scores, "soup_val_top1": soup_score}})

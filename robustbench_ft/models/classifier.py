@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -202,6 +202,5 @@ def interpolate(zeroshot: Classifier, finetuned: Classifier, alpha: float) -> Cl
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     out = average([zeroshot, finetuned], [1.0 - alpha, alpha])
-    out.info = ClassifierInfo(zeroshot.info.model, zeroshot.info.classnames, zeroshot.info.templates,
-                              {**finetuned.info.provenance, "wise_ft_alpha": alpha})
+    out.info = replace(zeroshot.info, provenance={**finetuned.info.provenance, "wise_ft_alpha": alpha})
     return out
